@@ -1,0 +1,15 @@
+//! `cdc`: tails a Postgres database's write-ahead log through logical replication (pgoutput)
+//! and publishes every committed row change to NATS JetStream, exactly once and in commit order.
+//!
+//! Layers, from the wire up:
+//! - [`pgoutput`]: pgoutput bytes → [`pgoutput::LogicalMessage`] (never panics on bad input);
+//! - [`value`]: pgoutput text values → JSON by type OID;
+//! - [`envelope`]: the event envelope shared with the agents.
+
+pub mod envelope;
+pub mod lsn;
+
+pub use envelope::{ChangeEvent, Op};
+pub use lsn::Lsn;
+pub mod pgoutput;
+pub mod value;

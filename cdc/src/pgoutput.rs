@@ -1,0 +1,1 @@
+//! pgoutput wire decoder (being written).

@@ -1,0 +1,1 @@
+//! Value mapping (being written).
