@@ -1,0 +1,923 @@
+//! The sled store of an agent's views: apply whole source transactions atomically, read at one
+//! applied point.
+//!
+//! # Layout (one sled tree, one `apply_batch` per group of source transactions)
+//! - `m\0seq`, `m\0lsn`, `m\0hb`: applied stream sequence, applied commit LSN, last heartbeat LSN
+//!   (u64 big-endian). Written in the same batch as the rows they describe, so a crash at any
+//!   point resumes exactly where the durable state says.
+//! - `m\0stale\0<view>`: why a view is stale (UTF-8); `m\0def\0<view>`: the view definition the
+//!   rows were built with.
+//! - `k<view>\0 enc(key…) enc(pk…)` → 8-byte write LSN + JSON row (projected, plus key and
+//!   primary-key columns). A lookup is a prefix scan; rows of one key come ordered by primary key.
+//! - `p<view>\0 enc(pk…)` → the `k…` key of that row, to find a row by its source identity.
+//!
+//! # Isolation
+//! sled has no snapshots, so a [`RwLock`] gates the store: the apply step takes it exclusively
+//! only around `apply_batch` (the batch is prepared before), a query takes it shared around its key
+//! range reads (JSON decoding happens after). A query therefore sees either none or all of a
+//! source transaction.
+//!
+//! # Snapshot end (`e`)
+//! Every row carries the commit LSN of the event that last wrote it (for snapshot reads, the
+//! chunk's watermark). An `e` event for table T means "the snapshot that began at
+//! `source.lsn` is complete": rows of T last written before that LSN were neither confirmed by
+//! the snapshot nor touched by a live change since it began, so they no longer exist at the source
+//! and are removed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use cdc::envelope::{ChangeEvent, Op, Row};
+use cdc::Lsn;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::config::{AgentConfig, ViewConfig};
+use crate::keys;
+
+/// Name of the status table over pgwire.
+pub const STATUS_TABLE: &str = "cdc_status";
+
+const META_SEQ: &[u8] = b"m\0seq";
+const META_LSN: &[u8] = b"m\0lsn";
+const META_HB: &[u8] = b"m\0hb";
+const META_STALE: &[u8] = b"m\0stale\0";
+const META_DEF: &[u8] = b"m\0def\0";
+
+/// Errors of the store layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (disk full, permissions, corruption).
+    #[error("sled store at {path}: {source}; check the disk and permissions of data_dir")]
+    Sled {
+        /// The data directory.
+        path: String,
+        /// sled's error.
+        source: sled::Error,
+    },
+    /// A stored value does not decode: the store is damaged or from an incompatible version.
+    #[error("sled store is damaged ({0}); move data_dir away and let the agent rebuild it")]
+    Corrupt(String),
+}
+
+/// Errors of a query against the store.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// No view of that name is configured.
+    #[error("view {0:?} does not exist")]
+    UnknownView(String),
+    /// The key tuple has more values than the view has key columns.
+    #[error("view {view:?} has {expected} key column(s), got {got} value(s)")]
+    KeyArity {
+        /// The view.
+        view: String,
+        /// Key columns of the view.
+        expected: usize,
+        /// Values given.
+        got: usize,
+    },
+    /// The view cannot be trusted until it is rebuilt.
+    #[error("view {view:?} is stale: {reason}")]
+    Stale {
+        /// The view.
+        view: String,
+        /// Why.
+        reason: String,
+    },
+    /// The applied watermark did not reach the requested LSN in time.
+    #[error("view agent has applied up to {applied}, not yet {wanted}, after waiting {waited:?}")]
+    LsnTimeout {
+        /// Wanted LSN.
+        wanted: Lsn,
+        /// The watermark when the wait ended.
+        applied: Lsn,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How far the agent has applied the stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Stream sequence of the last applied message (event or heartbeat).
+    pub applied_seq: u64,
+    /// Highest commit LSN applied.
+    pub applied_lsn: Lsn,
+    /// Read-your-writes watermark: every source change committed at or before it is applied
+    /// (max of `applied_lsn` and the last heartbeat seen with everything before it applied).
+    pub watermark: Lsn,
+    /// Last sequence of the stream, as last seen (0 = unknown).
+    pub stream_last_seq: u64,
+}
+
+/// One row of `cdc_status`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ViewStatus {
+    /// View name.
+    pub view: String,
+    /// Source table.
+    pub source: String,
+    /// Progress of the agent.
+    pub progress: Progress,
+    /// Why the view is stale, when it is.
+    pub stale: Option<String>,
+}
+
+/// The result of a read: rows and the applied point they are as of.
+#[derive(Clone, Debug)]
+pub struct ReadResult {
+    /// Rows, ordered by (key, primary key).
+    pub rows: Vec<Row>,
+    /// The applied point of the read.
+    pub as_of: Progress,
+    /// Set when the view is stale (only returned by reads that allow stale data).
+    pub stale: Option<String>,
+    /// True when the row cap cut the result.
+    pub truncated: bool,
+}
+
+/// A whole source transaction (or a lone snapshot row) read from the stream.
+#[derive(Clone, Debug)]
+pub struct SourceTransaction {
+    /// Stream sequence of its last message.
+    pub last_seq: u64,
+    /// Its events in stream order.
+    pub events: Vec<ChangeEvent>,
+}
+
+/// A configured view, resolved.
+#[derive(Debug)]
+pub struct View {
+    /// The configuration.
+    pub config: ViewConfig,
+    row_prefix: Vec<u8>,
+    pk_prefix: Vec<u8>,
+    /// Columns of the stored row (key, primary key, projection) or `None` = whole row.
+    stored: Option<Vec<String>>,
+}
+
+impl View {
+    fn new(config: ViewConfig) -> View {
+        let mut row_prefix = vec![b'k'];
+        row_prefix.extend_from_slice(config.name.as_bytes());
+        row_prefix.push(0);
+        let mut pk_prefix = vec![b'p'];
+        pk_prefix.extend_from_slice(config.name.as_bytes());
+        pk_prefix.push(0);
+        let stored = config.columns.as_ref().map(|cols| {
+            let mut all: Vec<String> = Vec::new();
+            for c in config.key.iter().chain(&config.primary_key).chain(cols) {
+                if !all.contains(c) {
+                    all.push(c.clone());
+                }
+            }
+            all
+        });
+        View {
+            config,
+            row_prefix,
+            pk_prefix,
+            stored,
+        }
+    }
+
+    /// The view's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Columns a `SELECT *` returns: key columns, then the projection (or `row`, the whole row
+    /// as JSON, when the view keeps all columns).
+    pub fn output_columns(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.config.key.clone();
+        match &self.config.columns {
+            Some(cols) => {
+                for c in cols {
+                    if !out.contains(c) {
+                        out.push(c.clone());
+                    }
+                }
+            }
+            None => out.push(WHOLE_ROW_COLUMN.to_owned()),
+        }
+        out
+    }
+
+    fn definition(&self) -> Vec<u8> {
+        let c = &self.config;
+        serde_json::json!({
+            "source": c.source, "key": c.key, "primary_key": c.primary_key, "columns": c.columns,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    fn pk_key(&self, pk: &[&Value]) -> Vec<u8> {
+        let mut k = self.pk_prefix.clone();
+        keys::encode_tuple(&mut k, pk.iter().copied());
+        k
+    }
+
+    fn row_key(&self, key: &[&Value], pk: &[&Value]) -> Vec<u8> {
+        let mut k = self.row_prefix.clone();
+        keys::encode_tuple(&mut k, key.iter().copied());
+        keys::encode_tuple(&mut k, pk.iter().copied());
+        k
+    }
+}
+
+/// Name of the JSON column of views that keep whole rows.
+pub const WHOLE_ROW_COLUMN: &str = "row";
+
+/// The store of one agent: every configured view, its applied position and the read gate.
+pub struct ViewStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    path: String,
+    views: Vec<View>,
+    by_name: HashMap<String, usize>,
+    by_table: HashMap<String, Vec<usize>>,
+    /// Exclusive around `apply_batch`, shared around a query's reads (see module docs).
+    read_gate: RwLock<()>,
+    stale: Mutex<Vec<Option<String>>>,
+    progress: watch::Sender<Progress>,
+}
+
+impl std::fmt::Debug for ViewStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewStore")
+            .field("path", &self.path)
+            .field("progress", &*self.progress.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+fn u64_of(v: &[u8]) -> Result<u64, StoreError> {
+    let b: [u8; 8] = v
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("meta value of {} bytes", v.len())))?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn meta_key(prefix: &[u8], view: &str) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(view.as_bytes());
+    k
+}
+
+fn decode_row(v: &[u8]) -> Result<(Lsn, Row), StoreError> {
+    if v.len() < 8 {
+        return Err(StoreError::Corrupt("row value shorter than 8 bytes".into()));
+    }
+    let lsn = Lsn(u64_of(&v[..8])?);
+    let row = serde_json::from_slice(&v[8..])
+        .map_err(|e| StoreError::Corrupt(format!("row value is not JSON: {e}")))?;
+    Ok((lsn, row))
+}
+
+fn encode_row(lsn: Lsn, row: &Row) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64);
+    v.extend_from_slice(&lsn.0.to_be_bytes());
+    // Serializing a map of JSON values cannot fail.
+    let _ = serde_json::to_writer(&mut v, row);
+    v
+}
+
+impl ViewStore {
+    /// Opens (or creates) the store in `config.data_dir` for the configured views.
+    pub fn open(config: &AgentConfig) -> Result<ViewStore, StoreError> {
+        Self::open_at(&config.data_dir, &config.views)
+    }
+
+    /// Opens (or creates) the store at `path` for `views`.
+    pub fn open_at(path: &Path, views: &[ViewConfig]) -> Result<ViewStore, StoreError> {
+        let spath = path.display().to_string();
+        let sled_err = |source| StoreError::Sled {
+            path: spath.clone(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(200))
+            .open()
+            .map_err(sled_err)?;
+        let tree = db.open_tree("views").map_err(sled_err)?;
+        let views: Vec<View> = views.iter().cloned().map(View::new).collect();
+        let mut by_name = HashMap::new();
+        let mut by_table: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, v) in views.iter().enumerate() {
+            by_name.insert(v.config.name.to_ascii_lowercase(), i);
+            by_table.entry(v.config.source.clone()).or_default().push(i);
+        }
+        let get_u64 = |k: &[u8]| -> Result<u64, StoreError> {
+            match tree.get(k).map_err(sled_err)? {
+                Some(v) => u64_of(&v),
+                None => Ok(0),
+            }
+        };
+        let applied_seq = get_u64(META_SEQ)?;
+        let applied_lsn = Lsn(get_u64(META_LSN)?);
+        let hb = Lsn(get_u64(META_HB)?);
+        let mut stale = Vec::with_capacity(views.len());
+        let mut batch = sled::Batch::default();
+        for v in &views {
+            let mut reason = tree
+                .get(meta_key(META_STALE, v.name()))
+                .map_err(sled_err)?
+                .map(|r| String::from_utf8_lossy(&r).into_owned());
+            let def_key = meta_key(META_DEF, v.name());
+            let stored_def = tree.get(&def_key).map_err(sled_err)?;
+            if stored_def.as_deref() != Some(v.definition().as_slice()) {
+                if applied_seq > 0 && reason.is_none() {
+                    let r = format!(
+                        "the view's definition changed (or the view is new) since the store was built at \
+                         stream sequence {applied_seq}; rebuild it with `view-agent replay --from-start`"
+                    );
+                    batch.insert(meta_key(META_STALE, v.name()), r.as_bytes());
+                    reason = Some(r);
+                }
+                batch.insert(def_key, v.definition());
+            }
+            stale.push(reason);
+        }
+        tree.apply_batch(batch).map_err(sled_err)?;
+        let progress = Progress {
+            applied_seq,
+            applied_lsn,
+            watermark: applied_lsn.max(hb),
+            stream_last_seq: 0,
+        };
+        Ok(ViewStore {
+            db,
+            tree,
+            path: spath,
+            views,
+            by_name,
+            by_table,
+            read_gate: RwLock::new(()),
+            stale: Mutex::new(stale),
+            progress: watch::Sender::new(progress),
+        })
+    }
+
+    /// Deletes every row and the applied position, so that the next start replays the stream
+    /// from `from_seq` (1 = the beginning).
+    pub fn reset(&self, from_seq: u64) -> Result<(), StoreError> {
+        let _gate = self
+            .read_gate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.tree.clear().map_err(|e| self.sled_err(e))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(META_SEQ, &from_seq.saturating_sub(1).to_be_bytes());
+        for v in &self.views {
+            batch.insert(meta_key(META_DEF, v.name()), v.definition());
+        }
+        self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        self.tree.flush().map_err(|e| self.sled_err(e))?;
+        let mut stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
+        stale.iter_mut().for_each(|s| *s = None);
+        self.progress.send_modify(|p| {
+            *p = Progress {
+                applied_seq: from_seq.saturating_sub(1),
+                ..Progress::default()
+            }
+        });
+        Ok(())
+    }
+
+    fn sled_err(&self, source: sled::Error) -> StoreError {
+        StoreError::Sled {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The configured views.
+    pub fn views(&self) -> &[View] {
+        &self.views
+    }
+
+    /// A view by name (case-insensitive, like unquoted SQL identifiers).
+    pub fn view(&self, name: &str) -> Option<&View> {
+        self.by_name
+            .get(&name.to_ascii_lowercase())
+            .map(|&i| &self.views[i])
+    }
+
+    /// The current progress.
+    pub fn progress(&self) -> Progress {
+        *self.progress.borrow()
+    }
+
+    /// A receiver that sees every progress change.
+    pub fn subscribe(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    /// Records the stream's last sequence (for lag in `cdc_status`).
+    pub fn set_stream_last_seq(&self, last: u64) {
+        self.progress.send_if_modified(|p| {
+            let changed = p.stream_last_seq != last;
+            p.stream_last_seq = last;
+            changed
+        });
+    }
+
+    /// Status of every view.
+    pub fn status(&self) -> Vec<ViewStatus> {
+        let progress = self.progress();
+        let stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
+        self.views
+            .iter()
+            .zip(stale.iter())
+            .map(|(v, s)| ViewStatus {
+                view: v.config.name.clone(),
+                source: v.config.source.clone(),
+                progress,
+                stale: s.clone(),
+            })
+            .collect()
+    }
+
+    fn stale_reason(&self, idx: usize) -> Option<String> {
+        let stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
+        stale.get(idx).cloned().flatten()
+    }
+
+    /// Marks every view stale (history lost) and persists it.
+    pub fn mark_all_stale(&self, reason: &str) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
+        for (v, s) in self.views.iter().zip(stale.iter_mut()) {
+            if s.is_none() {
+                batch.insert(meta_key(META_STALE, v.name()), reason.as_bytes());
+                *s = Some(reason.to_owned());
+            }
+        }
+        self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))
+    }
+
+    /// Waits until the watermark reaches `lsn`; returns the watermark.
+    pub async fn wait_for_lsn(&self, lsn: Lsn, timeout: Duration) -> Result<Lsn, QueryError> {
+        let mut rx = self.progress.subscribe();
+        let wait = rx.wait_for(|p| p.watermark >= lsn);
+        let outcome = match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(p)) => Ok(p.watermark),
+            // The sender lives as long as `self`; treat a closed channel like a timeout.
+            Ok(Err(_)) | Err(_) => Err(QueryError::LsnTimeout {
+                wanted: lsn,
+                applied: self.progress().watermark,
+                waited: timeout,
+            }),
+        };
+        outcome
+    }
+
+    /// Records a heartbeat at stream sequence `seq`: everything committed at or before `lsn`
+    /// has been applied (the caller has applied every message before it).
+    pub fn record_heartbeat(&self, seq: u64, lsn: Lsn) -> Result<(), StoreError> {
+        let p = self.progress();
+        let new_seq = p.applied_seq.max(seq);
+        let mut batch = sled::Batch::default();
+        batch.insert(META_SEQ, &new_seq.to_be_bytes());
+        if lsn > p.watermark {
+            batch.insert(META_HB, &lsn.0.to_be_bytes());
+        }
+        self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        self.progress.send_if_modified(|p| {
+            let changed = new_seq != p.applied_seq || lsn > p.watermark;
+            p.applied_seq = new_seq;
+            p.watermark = p.watermark.max(lsn);
+            changed
+        });
+        Ok(())
+    }
+
+    /// Flushes sled to disk (on shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(|e| self.sled_err(e))
+    }
+
+    /// Applies whole source transactions as one atomic sled batch, together with the applied
+    /// sequence (the last transaction's `last_seq`) and LSN.
+    pub fn apply(&self, txs: &[SourceTransaction]) -> Result<(), StoreError> {
+        let Some(last) = txs.last() else {
+            return Ok(());
+        };
+        let mut pending = Pending {
+            tree: &self.tree,
+            writes: BTreeMap::new(),
+        };
+        let mut new_stale: Vec<(usize, Option<String>)> = Vec::new();
+        let mut max_lsn = self.progress().applied_lsn;
+        for tx in txs {
+            for ev in &tx.events {
+                max_lsn = max_lsn.max(ev.source.commit_lsn);
+                self.apply_event(&mut pending, ev, &mut new_stale)
+                    .map_err(|e| match e {
+                        PendingError::Sled(s) => self.sled_err(s),
+                        PendingError::Corrupt(m) => StoreError::Corrupt(m),
+                    })?;
+            }
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in pending.writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        batch.insert(META_SEQ, &last.last_seq.to_be_bytes());
+        batch.insert(META_LSN, &max_lsn.0.to_be_bytes());
+        for (idx, reason) in &new_stale {
+            let k = meta_key(META_STALE, self.views[*idx].name());
+            match reason {
+                Some(r) => batch.insert(k, r.as_bytes()),
+                None => batch.remove(k),
+            }
+        }
+        {
+            let _gate = self
+                .read_gate
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+            if !new_stale.is_empty() {
+                let mut stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
+                for (idx, reason) in new_stale {
+                    stale[idx] = reason;
+                }
+            }
+            self.progress.send_modify(|p| {
+                p.applied_seq = last.last_seq;
+                p.applied_lsn = max_lsn;
+                p.watermark = p.watermark.max(max_lsn);
+            });
+        }
+        Ok(())
+    }
+
+    fn apply_event(
+        &self,
+        pending: &mut Pending<'_>,
+        ev: &ChangeEvent,
+        new_stale: &mut Vec<(usize, Option<String>)>,
+    ) -> Result<(), PendingError> {
+        let table = ev.table_name();
+        let Some(idxs) = self.by_table.get(&table) else {
+            return Ok(());
+        };
+        for &i in idxs {
+            let view = &self.views[i];
+            if let Err(reason) = apply_to_view(view, pending, ev)? {
+                tracing::error!(view = view.name(), %reason, "view is now stale");
+                if self.stale_reason(i).is_none() && !new_stale.iter().any(|(j, _)| *j == i) {
+                    new_stale.push((i, Some(reason)));
+                }
+            } else if ev.op == Op::SnapshotEnd {
+                let gap_stale = self
+                    .stale_reason(i)
+                    .is_some_and(|r| r.starts_with(HISTORY_GAP_PREFIX));
+                if gap_stale {
+                    new_stale.push((i, None));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.read_gate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn view_index(&self, view: &str) -> Result<usize, QueryError> {
+        self.by_name
+            .get(&view.to_ascii_lowercase())
+            .copied()
+            .ok_or_else(|| QueryError::UnknownView(view.to_owned()))
+    }
+
+    /// Rows of `view` whose key columns equal `key` (all key columns, or a prefix of them),
+    /// ordered by primary key. Errors when the view is stale.
+    pub fn get(&self, view: &str, key: &[Value]) -> Result<Vec<Row>, QueryError> {
+        let r = self.lookup(view, &[key.to_vec()], usize::MAX, false)?;
+        Ok(r.rows)
+    }
+
+    /// Rows of `view` for several keys (an `IN` list), read at one applied point, at most
+    /// `limit`. With `allow_stale`, a stale view answers and the result says why it is stale.
+    pub fn lookup(
+        &self,
+        view: &str,
+        keys: &[Vec<Value>],
+        limit: usize,
+        allow_stale: bool,
+    ) -> Result<ReadResult, QueryError> {
+        let idx = self.view_index(view)?;
+        let v = &self.views[idx];
+        let stale = self.check_stale(idx, allow_stale)?;
+        let mut prefixes: Vec<Vec<u8>> = Vec::new();
+        for key in keys {
+            if key.len() > v.config.key.len() {
+                return Err(QueryError::KeyArity {
+                    view: v.config.name.clone(),
+                    expected: v.config.key.len(),
+                    got: key.len(),
+                });
+            }
+            let mut partial: Vec<Vec<u8>> = vec![v.row_prefix.clone()];
+            for val in key {
+                let cands = keys::lookup_candidates(val);
+                let mut next = Vec::with_capacity(partial.len() * cands.len());
+                for p in &partial {
+                    for c in &cands {
+                        let mut q = p.clone();
+                        keys::encode_value(&mut q, c);
+                        next.push(q);
+                    }
+                }
+                partial = next;
+            }
+            prefixes.extend(partial);
+        }
+        prefixes.sort();
+        prefixes.dedup();
+        let mut raw: BTreeMap<sled::IVec, sled::IVec> = BTreeMap::new();
+        let mut truncated = false;
+        let as_of = {
+            let _gate = self.gate();
+            'outer: for p in &prefixes {
+                for item in self.tree.scan_prefix(p) {
+                    let (k, val) = item.map_err(|e| self.sled_err(e))?;
+                    if raw.len() >= limit && !raw.contains_key(&k) {
+                        truncated = true;
+                        break 'outer;
+                    }
+                    raw.insert(k, val);
+                }
+            }
+            self.progress()
+        };
+        let rows = raw
+            .values()
+            .map(|v| decode_row(v).map(|(_, r)| r))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ReadResult {
+            rows,
+            as_of,
+            stale,
+            truncated,
+        })
+    }
+
+    /// All rows of `view` in key order, at most `limit`, read at one applied point.
+    pub fn scan(
+        &self,
+        view: &str,
+        limit: usize,
+        allow_stale: bool,
+    ) -> Result<ReadResult, QueryError> {
+        self.lookup(view, &[Vec::new()], limit, allow_stale)
+    }
+
+    fn check_stale(&self, idx: usize, allow_stale: bool) -> Result<Option<String>, QueryError> {
+        match self.stale_reason(idx) {
+            Some(reason) if !allow_stale => Err(QueryError::Stale {
+                view: self.views[idx].config.name.clone(),
+                reason,
+            }),
+            other => Ok(other),
+        }
+    }
+}
+
+/// Prefix of the stale reason set when stream history was lost; cleared by a snapshot end.
+pub const HISTORY_GAP_PREFIX: &str = "stream history removed";
+
+enum PendingError {
+    Sled(sled::Error),
+    Corrupt(String),
+}
+
+impl From<sled::Error> for PendingError {
+    fn from(e: sled::Error) -> Self {
+        PendingError::Sled(e)
+    }
+}
+
+impl From<StoreError> for PendingError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Sled { source, .. } => PendingError::Sled(source),
+            StoreError::Corrupt(m) => PendingError::Corrupt(m),
+        }
+    }
+}
+
+/// Writes of the batch being prepared, read through before the tree (a transaction may write
+/// the same row twice).
+struct Pending<'a> {
+    tree: &'a sled::Tree,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl Pending<'_> {
+    fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, PendingError> {
+        if let Some(v) = self.writes.get(k) {
+            return Ok(v.clone());
+        }
+        Ok(self.tree.get(k)?.map(|v| v.to_vec()))
+    }
+
+    fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
+        self.writes.insert(k, Some(v));
+    }
+
+    fn del(&mut self, k: Vec<u8>) {
+        self.writes.insert(k, None);
+    }
+
+    /// Every live key/value under `prefix`, tree and pending writes merged.
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, PendingError> {
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for item in self.tree.scan_prefix(prefix) {
+            let (k, v) = item?;
+            merged.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        let upper = keys::prefix_end(prefix);
+        let range = match &upper {
+            Some(u) => self.writes.range(prefix.to_vec()..u.clone()),
+            None => self.writes.range(prefix.to_vec()..),
+        };
+        for (k, v) in range {
+            merged.insert(k.clone(), v.clone());
+        }
+        Ok(merged
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect())
+    }
+}
+
+/// Collects the values of `cols` from `row`; `Err(col)` names the first missing one.
+fn values_of<'r>(row: &'r Row, cols: &'r [String]) -> Result<Vec<&'r Value>, &'r str> {
+    cols.iter().map(|c| row.get(c).ok_or(c.as_str())).collect()
+}
+
+/// Applies one event to one view. `Ok(Err(reason))`: the view cannot follow this event and
+/// becomes stale.
+fn apply_to_view(
+    view: &View,
+    pending: &mut Pending<'_>,
+    ev: &ChangeEvent,
+) -> Result<Result<(), String>, PendingError> {
+    let cfg = &view.config;
+    let table = ev.table_name();
+    match ev.op {
+        Op::Create | Op::Update | Op::Read => {
+            let Some(after) = &ev.after else {
+                return Ok(Err(format!(
+                    "a '{}' event of {table} carries no new row (at {})",
+                    ev.op.code(),
+                    ev.msg_id()
+                )));
+            };
+            // The row's old identity: `before` carries the key columns when the key changed.
+            let old_pk_src = match &ev.before {
+                Some(b) if cfg.primary_key.iter().all(|c| b.contains_key(c)) => b,
+                _ => after,
+            };
+            let old_pk = match values_of(old_pk_src, &cfg.primary_key) {
+                Ok(v) => v,
+                Err(c) => {
+                    return Ok(Err(format!(
+                        "primary key column {c:?} is missing from events of {table}; \
+                         check the view's primary_key"
+                    )))
+                }
+            };
+            let old_pk_key = view.pk_key(&old_pk);
+            let old_row_key = pending.get(&old_pk_key)?;
+            let old_row = match &old_row_key {
+                Some(rk) => pending.get(rk)?.map(|v| decode_row(&v)).transpose()?,
+                None => None,
+            };
+            // Merge the new row: projection, unchanged TOAST columns from the stored row.
+            let mut row = Row::new();
+            match &view.stored {
+                Some(cols) => {
+                    for c in cols {
+                        match after.get(c) {
+                            Some(v) => {
+                                row.insert(c.clone(), v.clone());
+                            }
+                            None if ev.unchanged_toast.iter().any(|t| t == c) => {
+                                let kept = old_row
+                                    .as_ref()
+                                    .and_then(|(_, r)| r.get(c).cloned())
+                                    .unwrap_or(Value::Null);
+                                row.insert(c.clone(), kept);
+                            }
+                            None => {
+                                return Ok(Err(format!(
+                                    "column {c:?} is no longer in source table {table} \
+                                     (dropped or renamed at {}); fix the view's columns and \
+                                     rebuild it with `view-agent replay --from-start`",
+                                    ev.source.commit_lsn
+                                )))
+                            }
+                        }
+                    }
+                }
+                None => {
+                    row = after.clone();
+                    for c in &ev.unchanged_toast {
+                        if let Some(v) = old_row.as_ref().and_then(|(_, r)| r.get(c)) {
+                            row.insert(c.clone(), v.clone());
+                        }
+                    }
+                }
+            }
+            let (key, pk) = match (values_of(&row, &cfg.key), values_of(&row, &cfg.primary_key)) {
+                (Ok(k), Ok(p)) => (k, p),
+                (Err(c), _) | (_, Err(c)) => {
+                    return Ok(Err(format!(
+                        "column {c:?} is missing from a new row of {table}"
+                    )))
+                }
+            };
+            let row_key = view.row_key(&key, &pk);
+            let pk_key = view.pk_key(&pk);
+            if let Some(old_rk) = old_row_key {
+                if old_rk != row_key {
+                    pending.del(old_rk);
+                }
+                if old_pk_key != pk_key {
+                    pending.del(old_pk_key);
+                }
+            } else if ev.op != Op::Update {
+                // An insert or snapshot row for an identity already stored under another key.
+                if let Some(rk) = pending.get(&pk_key)? {
+                    if rk != row_key {
+                        pending.del(rk);
+                    }
+                }
+            }
+            pending.put(row_key.clone(), encode_row(ev.source.commit_lsn, &row));
+            pending.put(pk_key, row_key);
+        }
+        Op::Delete => {
+            let Some(before) = &ev.before else {
+                return Ok(Err(format!(
+                    "a delete of {table} carries no old key (at {}); set a replica identity",
+                    ev.msg_id()
+                )));
+            };
+            let pk = match values_of(before, &cfg.primary_key) {
+                Ok(v) => v,
+                Err(c) => {
+                    return Ok(Err(format!(
+                        "primary key column {c:?} is missing from deletes of {table}; \
+                         check the view's primary_key"
+                    )))
+                }
+            };
+            let pk_key = view.pk_key(&pk);
+            if let Some(rk) = pending.get(&pk_key)? {
+                pending.del(rk);
+                pending.del(pk_key);
+            }
+        }
+        Op::Truncate => {
+            for prefix in [&view.row_prefix, &view.pk_prefix] {
+                for (k, _) in pending.scan(prefix)? {
+                    pending.del(k);
+                }
+            }
+        }
+        Op::SnapshotEnd => {
+            let began = ev.source.lsn;
+            for (k, v) in pending.scan(&view.row_prefix)? {
+                let (written, row) = decode_row(&v)?;
+                if written < began {
+                    if let Ok(pk) = values_of(&row, &cfg.primary_key) {
+                        pending.del(view.pk_key(&pk));
+                    }
+                    pending.del(k);
+                }
+            }
+        }
+    }
+    Ok(Ok(()))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,309 @@
+use super::*;
+use cdc::envelope::{Source, TransactionInfo};
+use serde_json::json;
+
+fn view_cfg() -> ViewConfig {
+    ViewConfig {
+        name: "top_clients_by_seller".into(),
+        source: "public.top_clients".into(),
+        key: vec!["seller_id".into()],
+        primary_key: vec!["seller_id".into(), "client_id".into()],
+        columns: Some(vec!["client_id".into(), "name".into(), "position".into()]),
+        column_types: Default::default(),
+    }
+}
+
+fn row(v: serde_json::Value) -> Row {
+    match v {
+        Value::Object(m) => m,
+        _ => Row::new(),
+    }
+}
+
+fn ev(op: Op, lsn: u64, before: Option<Value>, after: Option<Value>) -> ChangeEvent {
+    ChangeEvent {
+        op,
+        before: before.map(row),
+        after: after.map(row),
+        unchanged_toast: vec![],
+        source: Source {
+            db: "db".into(),
+            schema: "public".into(),
+            table: "top_clients".into(),
+            lsn: Lsn(lsn),
+            commit_lsn: Lsn(lsn),
+            tx_id: Some(1),
+            ts_ms: 0,
+            snapshot: op == Op::Read,
+        },
+        transaction: Some(TransactionInfo {
+            id: format!("1:{lsn}"),
+            total_order: 1,
+            data_collection_order: 1,
+            last: true,
+        }),
+        ts_ms: 0,
+    }
+}
+
+fn tx(seq: u64, events: Vec<ChangeEvent>) -> SourceTransaction {
+    SourceTransaction {
+        last_seq: seq,
+        events,
+    }
+}
+
+fn open(dir: &Path) -> ViewStore {
+    ViewStore::open_at(dir, &[view_cfg()]).expect("opens")
+}
+
+fn client(seller: i64, client: i64, name: &str, pos: i64) -> Value {
+    json!({"seller_id": seller, "client_id": client, "name": name, "position": pos, "extra": 1})
+}
+
+#[test]
+fn insert_update_delete_and_position() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path());
+    s.apply(&[tx(
+        1,
+        vec![
+            ev(Op::Create, 10, None, Some(client(7, 70, "Acme", 1))),
+            ev(Op::Create, 10, None, Some(client(7, 71, "Beta", 2))),
+            ev(Op::Create, 10, None, Some(client(8, 80, "Gamma", 1))),
+        ],
+    )])
+    .expect("apply");
+    let rows = s.get("top_clients_by_seller", &[json!(7)]).expect("get");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["name"], "Acme");
+    assert!(!rows[0].contains_key("extra"), "projection drops columns");
+    // Text parameters find numeric keys.
+    assert_eq!(
+        s.get("TOP_CLIENTS_BY_SELLER", &[json!("7")])
+            .expect("get")
+            .len(),
+        2
+    );
+    s.apply(&[tx(
+        2,
+        vec![
+            ev(Op::Update, 20, None, Some(client(7, 70, "Acme2", 1))),
+            ev(
+                Op::Delete,
+                20,
+                Some(json!({"seller_id": 7, "client_id": 71})),
+                None,
+            ),
+        ],
+    )])
+    .expect("apply");
+    let rows = s.get("top_clients_by_seller", &[json!(7)]).expect("get");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["name"], "Acme2");
+    let p = s.progress();
+    assert_eq!((p.applied_seq, p.applied_lsn), (2, Lsn(20)));
+    drop(s);
+    let s = open(dir.path());
+    assert_eq!(s.progress().applied_seq, 2);
+    assert_eq!(s.progress().watermark, Lsn(20));
+    assert_eq!(
+        s.get("top_clients_by_seller", &[json!(7)])
+            .expect("get")
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn key_change_moves_the_row_and_toast_is_merged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path());
+    s.apply(&[tx(
+        1,
+        vec![ev(Op::Create, 10, None, Some(client(7, 70, "Acme", 1)))],
+    )])
+    .expect("apply");
+    // Move client 70 from seller 7 to seller 9 (primary key and view key change).
+    let mut e = ev(
+        Op::Update,
+        20,
+        Some(json!({"seller_id": 7, "client_id": 70})),
+        Some(json!({"seller_id": 9, "client_id": 70, "position": 3})),
+    );
+    e.unchanged_toast = vec!["name".into()];
+    s.apply(&[tx(2, vec![e])]).expect("apply");
+    assert!(s
+        .get("top_clients_by_seller", &[json!(7)])
+        .expect("get")
+        .is_empty());
+    let rows = s.get("top_clients_by_seller", &[json!(9)]).expect("get");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["name"], "Acme", "unchanged TOAST value kept");
+    assert_eq!(rows[0]["position"], 3);
+    // The old identity is gone: deleting it is a no-op, deleting the new one works.
+    s.apply(&[tx(
+        3,
+        vec![ev(
+            Op::Delete,
+            30,
+            Some(json!({"seller_id": 9, "client_id": 70})),
+            None,
+        )],
+    )])
+    .expect("apply");
+    assert!(s
+        .scan("top_clients_by_seller", 100, false)
+        .expect("scan")
+        .rows
+        .is_empty());
+}
+
+#[test]
+fn truncate_and_snapshot_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path());
+    s.apply(&[tx(
+        1,
+        vec![
+            ev(Op::Create, 10, None, Some(client(1, 1, "a", 1))),
+            ev(Op::Create, 10, None, Some(client(1, 2, "b", 2))),
+        ],
+    )])
+    .expect("apply");
+    // Truncate and insert in the same batch.
+    s.apply(&[
+        tx(2, vec![ev(Op::Truncate, 20, None, None)]),
+        tx(
+            3,
+            vec![ev(Op::Create, 30, None, Some(client(2, 5, "c", 1)))],
+        ),
+    ])
+    .expect("apply");
+    let all = s
+        .scan("top_clients_by_seller", 100, false)
+        .expect("scan")
+        .rows;
+    assert_eq!(all.len(), 1);
+    // A snapshot beginning at 40 confirms (2,6) only; (2,5) was written before it began.
+    let mut r = ev(Op::Read, 45, None, Some(client(2, 6, "d", 2)));
+    r.transaction = None;
+    let mut e = ev(Op::SnapshotEnd, 40, None, None);
+    e.source.commit_lsn = Lsn(50);
+    s.apply(&[tx(4, vec![r]), tx(5, vec![e])]).expect("apply");
+    let all = s
+        .scan("top_clients_by_seller", 100, false)
+        .expect("scan")
+        .rows;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0]["client_id"], 6);
+}
+
+#[test]
+fn dropped_column_makes_the_view_stale() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path());
+    s.apply(&[tx(
+        1,
+        vec![ev(
+            Op::Create,
+            10,
+            None,
+            Some(json!({"seller_id": 1, "client_id": 1, "position": 1})),
+        )],
+    )])
+    .expect("apply");
+    let err = s
+        .get("top_clients_by_seller", &[json!(1)])
+        .expect_err("stale");
+    assert!(err.to_string().contains("\"name\""), "{err}");
+    assert!(s.status()[0].stale.is_some());
+    drop(s);
+    let s = open(dir.path());
+    assert!(s.status()[0].stale.is_some(), "stale survives restart");
+    assert!(s
+        .scan("top_clients_by_seller", 10, true)
+        .expect("allowed")
+        .stale
+        .is_some());
+}
+
+#[test]
+fn heartbeat_moves_the_watermark_and_wait_for_lsn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path());
+    s.record_heartbeat(5, Lsn(100)).expect("hb");
+    assert_eq!(s.progress().watermark, Lsn(100));
+    assert_eq!(s.progress().applied_seq, 5);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        assert_eq!(
+            s.wait_for_lsn(Lsn(50), Duration::from_millis(10))
+                .await
+                .ok(),
+            Some(Lsn(100))
+        );
+        assert!(matches!(
+            s.wait_for_lsn(Lsn(101), Duration::from_millis(10)).await,
+            Err(QueryError::LsnTimeout { .. })
+        ));
+    });
+    drop(s);
+    assert_eq!(open(dir.path()).progress().watermark, Lsn(100));
+}
+
+#[test]
+fn changed_definition_is_stale_until_reset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path());
+    s.apply(&[tx(
+        1,
+        vec![ev(Op::Create, 10, None, Some(client(1, 1, "a", 1)))],
+    )])
+    .expect("apply");
+    drop(s);
+    let mut cfg = view_cfg();
+    cfg.columns = Some(vec!["name".into()]);
+    let s = ViewStore::open_at(dir.path(), &[cfg]).expect("opens");
+    assert!(s.status()[0]
+        .stale
+        .as_deref()
+        .is_some_and(|r| r.contains("replay")));
+    s.reset(1).expect("reset");
+    assert!(s.status()[0].stale.is_none());
+    assert_eq!(s.progress().applied_seq, 0);
+    assert!(s
+        .scan("top_clients_by_seller", 10, false)
+        .expect("scan")
+        .rows
+        .is_empty());
+}
+
+#[test]
+fn in_lists_read_at_one_point_and_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path());
+    let events = (0..10)
+        .map(|i| ev(Op::Create, 10, None, Some(client(i % 3, i, "x", 1))))
+        .collect();
+    s.apply(&[tx(1, events)]).expect("apply");
+    let r = s
+        .lookup(
+            "top_clients_by_seller",
+            &[vec![json!(0)], vec![json!(2)], vec![json!(0)]],
+            100,
+            false,
+        )
+        .expect("lookup");
+    assert_eq!(r.rows.len(), 4 + 3);
+    let r = s.scan("top_clients_by_seller", 5, false).expect("scan");
+    assert_eq!(r.rows.len(), 5);
+    assert!(r.truncated);
+    assert!(matches!(
+        s.get("nope", &[json!(1)]),
+        Err(QueryError::UnknownView(_))
+    ));
+}
