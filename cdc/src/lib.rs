@@ -13,3 +13,4 @@ pub use envelope::{ChangeEvent, Op};
 pub use lsn::Lsn;
 pub mod pgoutput;
 pub mod value;
+pub mod wal;

@@ -1,1 +1,0 @@
-//! pgoutput wire decoder (being written).
