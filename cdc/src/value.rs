@@ -1,1 +1,0 @@
-//! Value mapping (being written).
