@@ -6,8 +6,16 @@
 //! - [`value`]: pgoutput text values → JSON by type OID;
 //! - [`envelope`]: the event envelope shared with the agents.
 
+pub mod config;
 pub mod envelope;
+pub mod events;
 pub mod lsn;
+pub mod pgconn;
+pub mod publish;
+pub mod reader;
+pub mod replication;
+pub mod setup;
+pub mod subject;
 
 pub use envelope::{ChangeEvent, Op};
 pub use lsn::Lsn;

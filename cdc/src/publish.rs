@@ -1,0 +1,421 @@
+//! The JetStream side: the stream (created if missing), the bucket for large events, ordered
+//! publishing with de-duplication ids and a no-gap chain, and the resume position.
+//!
+//! Every message the reader publishes carries `Nats-Msg-Id` and `Nats-Expected-Last-Msg-Id`
+//! (the id of the message published just before it). The server refuses a message whose
+//! predecessor is not the stream's last message, so a publish lost in a NATS restart can never
+//! leave a gap that a later message would paper over: the reader sees the refusal, restarts
+//! from the slot, and re-publishes from the stream's true last position.
+
+use std::time::Duration;
+
+use async_nats::header::HeaderMap;
+use async_nats::jetstream::{self, context::PublishAckFuture, stream};
+use bytes::Bytes;
+
+use crate::config::NatsConfig;
+use crate::envelope::{
+    self, Heartbeat, HEADER_COMMIT_LSN, HEADER_LARGE_REF, HEADER_MSG_ID, HEADER_OP, HEADER_TABLE,
+};
+use crate::lsn::Lsn;
+use crate::subject;
+
+/// Room left under `max_payload` for headers and protocol framing.
+const HEADER_ROOM: usize = 4096;
+/// How far back from the stream's end to look for the last message the reader wrote.
+const RESUME_SCAN_LIMIT: u64 = 1000;
+
+/// Errors on the NATS side.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The server can't be reached.
+    #[error("NATS at {url} is unreachable: {message}")]
+    Connect {
+        /// The configured URL(s), without credentials.
+        url: String,
+        /// What happened.
+        message: String,
+    },
+    /// The stream could not be created, read or updated.
+    #[error("JetStream stream {stream}: {message}")]
+    Stream {
+        /// Stream name.
+        stream: String,
+        /// What happened and what to do.
+        message: String,
+    },
+    /// A publish failed or its PubAck did not come.
+    #[error("publish to {subject} failed: {message}")]
+    Publish {
+        /// The subject.
+        subject: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// Where the stream ends, as far as this reader is concerned: what to skip on start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResumePoint {
+    /// Nothing of ours in the stream.
+    Empty,
+    /// The last message is the event `ordinal` of the transaction committed at `commit_lsn`.
+    Event {
+        /// Commit LSN of its transaction.
+        commit_lsn: Lsn,
+        /// Its `total_order`.
+        ordinal: u64,
+        /// Its `Nats-Msg-Id`.
+        msg_id: String,
+    },
+    /// The last message is a heartbeat: every transaction committed at or before `lsn` is in.
+    Heartbeat {
+        /// The heartbeat's LSN.
+        lsn: Lsn,
+        /// Its `Nats-Msg-Id`.
+        msg_id: String,
+    },
+}
+
+impl ResumePoint {
+    /// True when the event `ordinal` of the transaction committed at `commit_lsn` is already
+    /// in the stream.
+    pub fn covers(&self, commit_lsn: Lsn, ordinal: u64) -> bool {
+        match self {
+            ResumePoint::Empty => false,
+            ResumePoint::Event {
+                commit_lsn: c,
+                ordinal: o,
+                ..
+            } => (commit_lsn, ordinal) <= (*c, *o),
+            ResumePoint::Heartbeat { lsn, .. } => commit_lsn <= *lsn,
+        }
+    }
+
+    /// The id the next publish must name as its predecessor.
+    pub fn last_msg_id(&self) -> Option<&str> {
+        match self {
+            ResumePoint::Empty => None,
+            ResumePoint::Event { msg_id, .. } | ResumePoint::Heartbeat { msg_id, .. } => {
+                Some(msg_id)
+            }
+        }
+    }
+
+    /// Reads a position back from a message id the reader wrote.
+    pub fn from_msg_id(id: &str) -> Option<ResumePoint> {
+        if let Some(rest) = id.strip_prefix("hb:") {
+            let lsn = rest.split(':').next()?.parse().ok()?;
+            return Some(ResumePoint::Heartbeat {
+                lsn,
+                msg_id: id.to_string(),
+            });
+        }
+        let (commit_lsn, ordinal) = envelope::parse_msg_id(id)?;
+        Some(ResumePoint::Event {
+            commit_lsn,
+            ordinal,
+            msg_id: id.to_string(),
+        })
+    }
+}
+
+/// A message ready to publish.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// Subject.
+    pub subject: String,
+    /// `Nats-Msg-Id`.
+    pub msg_id: String,
+    /// Other headers.
+    pub headers: Vec<(&'static str, String)>,
+    /// Body.
+    pub body: Bytes,
+}
+
+/// The connected JetStream destination.
+pub struct StreamSink {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream_name: String,
+    prefix: String,
+    max_age: Duration,
+    replicas: usize,
+    large: Option<jetstream::object_store::ObjectStore>,
+    last_msg_id: Option<String>,
+    heartbeat_seq: u64,
+}
+
+impl StreamSink {
+    /// Connects (no retry; the caller backs off) and makes sure the stream exists.
+    pub async fn connect(
+        cfg: &NatsConfig,
+        ack_timeout: Duration,
+    ) -> Result<StreamSink, PublishError> {
+        let shown_url = redact_url(&cfg.url);
+        let client = async_nats::ConnectOptions::new()
+            .name("cdc-reader")
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(Duration::from_secs(10)))
+            .connect(cfg.url.as_str())
+            .await
+            .map_err(|e| PublishError::Connect {
+                url: shown_url.clone(),
+                message: e.to_string(),
+            })?;
+        let js = jetstream::ContextBuilder::new()
+            .ack_timeout(ack_timeout)
+            .timeout(ack_timeout)
+            .max_ack_inflight(cfg.max_in_flight + 64)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        let stream_err = |message: String| PublishError::Stream {
+            stream: cfg.stream.clone(),
+            message,
+        };
+        let wanted_subject = format!("{}.>", cfg.subject_prefix);
+        match js.get_stream(&cfg.stream).await {
+            Ok(mut s) => {
+                let info = s.info().await.map_err(|e| stream_err(e.to_string()))?;
+                let mut config = info.config.clone();
+                if !config.subjects.iter().any(|x| x == &wanted_subject) {
+                    return Err(stream_err(format!(
+                        "exists with subjects {:?}, not {wanted_subject:?}: use another nats.stream or nats.subject_prefix",
+                        config.subjects
+                    )));
+                }
+                if !config.allow_rollup {
+                    // Heartbeats roll up (only the newest is kept).
+                    config.allow_rollup = true;
+                    js.update_stream(config)
+                        .await
+                        .map_err(|e| stream_err(format!("enabling rollup headers: {e}")))?;
+                }
+            }
+            Err(_) => {
+                let config = stream::Config {
+                    name: cfg.stream.clone(),
+                    subjects: vec![wanted_subject],
+                    max_age: Duration::from_secs(cfg.max_age_secs),
+                    max_bytes: cfg.max_bytes,
+                    max_messages: cfg.max_msgs,
+                    duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
+                    num_replicas: cfg.replicas,
+                    allow_rollup: true,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                };
+                js.create_stream(config)
+                    .await
+                    .map_err(|e| stream_err(format!("cannot create it: {e}")))?;
+                tracing::info!(stream = %cfg.stream, "created JetStream stream");
+            }
+        }
+        Ok(StreamSink {
+            client,
+            js,
+            stream_name: cfg.stream.clone(),
+            prefix: cfg.subject_prefix.clone(),
+            max_age: Duration::from_secs(cfg.max_age_secs),
+            replicas: cfg.replicas,
+            large: None,
+            last_msg_id: None,
+            heartbeat_seq: 0,
+        })
+    }
+
+    /// The underlying client (for the control plane).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Finds where the stream ends: the last message written by a reader, scanning back past
+    /// messages with foreign ids. Also arms the no-gap chain with that message's id.
+    pub async fn resume_point(&mut self) -> Result<ResumePoint, PublishError> {
+        let stream_err = |message: String| PublishError::Stream {
+            stream: self.stream_name.clone(),
+            message,
+        };
+        let mut s = self
+            .js
+            .get_stream(&self.stream_name)
+            .await
+            .map_err(|e| stream_err(e.to_string()))?;
+        let state = s
+            .info()
+            .await
+            .map_err(|e| stream_err(e.to_string()))?
+            .state
+            .clone();
+        let mut point = ResumePoint::Empty;
+        let mut chain: Option<String> = None;
+        if state.messages > 0 {
+            let lowest = state
+                .first_sequence
+                .max(state.last_sequence.saturating_sub(RESUME_SCAN_LIMIT));
+            let mut seq = state.last_sequence;
+            while seq >= lowest && seq > 0 {
+                match s.get_raw_message(seq).await {
+                    Ok(msg) => {
+                        let id = msg
+                            .headers
+                            .get(HEADER_MSG_ID)
+                            .map(|v| v.as_str().to_string());
+                        if chain.is_none() {
+                            // The server compares with the last message's id, whoever wrote it.
+                            chain = Some(id.clone().unwrap_or_default());
+                        }
+                        if let Some(p) = id.as_deref().and_then(ResumePoint::from_msg_id) {
+                            point = p;
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        // Deleted (e.g. a rolled-up heartbeat) or retention raced us.
+                        tracing::debug!(seq, error = %e, "stream message not readable");
+                    }
+                }
+                seq -= 1;
+            }
+        }
+        self.last_msg_id = chain.filter(|c| !c.is_empty());
+        Ok(point)
+    }
+
+    /// Publishes one message in order; the returned future resolves on its PubAck.
+    pub async fn publish(&mut self, msg: Outgoing) -> Result<PublishAckFuture, PublishError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_MSG_ID, msg.msg_id.as_str());
+        if let Some(prev) = &self.last_msg_id {
+            headers.insert("Nats-Expected-Last-Msg-Id", prev.as_str());
+        }
+        for (k, v) in &msg.headers {
+            headers.insert(*k, v.as_str());
+        }
+        let limit = self.client.server_info().max_payload;
+        let mut body = msg.body;
+        if body.len() + HEADER_ROOM > limit {
+            self.put_large(&msg.msg_id, &body).await?;
+            headers.insert(HEADER_LARGE_REF, msg.msg_id.as_str());
+            body = Bytes::new();
+        }
+        let fut = self
+            .js
+            .publish_with_headers(msg.subject.clone(), headers, body)
+            .await
+            .map_err(|e| PublishError::Publish {
+                subject: msg.subject,
+                message: e.to_string(),
+            })?;
+        self.last_msg_id = Some(msg.msg_id);
+        Ok(fut)
+    }
+
+    /// Publishes a heartbeat for `lsn` (rolling up older heartbeats).
+    pub async fn publish_heartbeat(&mut self, lsn: Lsn) -> Result<PublishAckFuture, PublishError> {
+        self.heartbeat_seq += 1;
+        let body = serde_json::to_vec(&Heartbeat { lsn }).unwrap_or_default();
+        let msg = Outgoing {
+            subject: subject::heartbeat_subject(&self.prefix),
+            msg_id: format!(
+                "hb:{lsn}:{}:{}",
+                crate::events::now_ms(),
+                self.heartbeat_seq
+            ),
+            headers: vec![("Nats-Rollup", "sub".to_string())],
+            body: Bytes::from(body),
+        };
+        self.publish(msg).await
+    }
+
+    async fn put_large(&mut self, name: &str, body: &Bytes) -> Result<(), PublishError> {
+        let bucket = format!("{}_LARGE", self.stream_name);
+        let err = |message: String| PublishError::Publish {
+            subject: format!("object store {bucket}"),
+            message,
+        };
+        if self.large.is_none() {
+            let store = match self.js.get_object_store(&bucket).await {
+                Ok(s) => s,
+                Err(_) => self
+                    .js
+                    .create_object_store(jetstream::object_store::Config {
+                        bucket: bucket.clone(),
+                        description: Some(format!(
+                            "bodies of events too large for a message of stream {}",
+                            self.stream_name
+                        )),
+                        max_age: self.max_age,
+                        num_replicas: self.replicas,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| err(e.to_string()))?,
+            };
+            self.large = Some(store);
+        }
+        let store = self
+            .large
+            .as_ref()
+            .ok_or_else(|| err("bucket missing".into()))?;
+        let mut reader: &[u8] = body;
+        store
+            .put(name, &mut reader)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Headers of a change event.
+pub fn event_headers(op: &str, table: String, commit_lsn: Lsn) -> Vec<(&'static str, String)> {
+    vec![
+        (HEADER_OP, op.to_string()),
+        (HEADER_TABLE, table),
+        (HEADER_COMMIT_LSN, commit_lsn.to_string()),
+    ]
+}
+
+/// A URL with any `user:password@` removed, for messages.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}{}", &u[..s + 3], &u[at + 1..]),
+            (None, Some(at)) => u[at + 1..].to_string(),
+            _ => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_point_covers_what_is_in() {
+        let p = ResumePoint::from_msg_id("0/100:3").expect("parses");
+        assert!(p.covers(Lsn(0x100), 3));
+        assert!(p.covers(Lsn(0x50), 99));
+        assert!(!p.covers(Lsn(0x100), 4));
+        assert!(!p.covers(Lsn(0x101), 1));
+        let h = ResumePoint::from_msg_id("hb:0/200:1764230400000:1").expect("parses");
+        assert!(h.covers(Lsn(0x200), 1));
+        assert!(!h.covers(Lsn(0x201), 1));
+        assert_eq!(ResumePoint::from_msg_id("foreign"), None);
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("nats://u:p@h:4222"), "nats://h:4222");
+        assert_eq!(
+            redact_url("nats://h:4222,nats://a:b@g:1"),
+            "nats://h:4222,nats://g:1"
+        );
+    }
+}

@@ -1,0 +1,445 @@
+//! The reader: streams the slot's changes into JetStream and confirms progress to Postgres only
+//! after the PubAck of everything at or below it.
+//!
+//! One task, one `select!` loop ([`Pipeline::run`]). Its branches, in priority order:
+//! 1. shutdown: stop reading, drain in-flight publishes, confirm, end the stream;
+//! 2. the oldest in-flight PubAck (acks resolve in publish order): advances the confirmable LSN;
+//! 3. the status-update timer: tells Postgres the confirmable LSN;
+//! 4. the heartbeat timer: publishes `<prefix>._heartbeat` when the safe LSN moved;
+//! 5. the idle timer: `pg_logical_emit_message` so the slot can move on an idle database;
+//! 6. the next replication message, only while the publish window has room (backpressure).
+//!
+//! Any failure ends the attempt without confirming anything more; the outer loop reconnects
+//! with backoff and resumes from the slot, skipping what the stream already holds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
+
+use crate::config::CdcConfig;
+use crate::envelope::{msg_id, ChangeEvent};
+use crate::events::{ChangeBuilder, Output, UnknownRelation};
+use crate::lsn::Lsn;
+use crate::pgconn::{PgConnError, PgTarget};
+use crate::pgoutput::{self, LogicalMessage};
+use crate::publish::{event_headers, Outgoing, PublishError, ResumePoint, StreamSink};
+use crate::replication::{ReplicationError, ReplicationSession, ReplicationStream};
+use crate::setup::{self, SetupError, SlotState};
+use crate::subject;
+use crate::wal::ReplicationMessage;
+
+/// Longest wait between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long shutdown waits for in-flight PubAcks.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
+/// Logical message prefix of the reader's own messages (not published).
+pub const MESSAGE_PREFIX: &str = "cdc.";
+
+/// Everything that can stop the reader.
+#[derive(Debug, thiserror::Error)]
+pub enum ReaderError {
+    /// Connecting to Postgres failed.
+    #[error(transparent)]
+    Connect(#[from] PgConnError),
+    /// A pre-flight check failed.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The replication session failed.
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    /// NATS failed.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The change stream is inconsistent.
+    #[error(transparent)]
+    Decode(#[from] UnknownRelation),
+    /// A SQL query failed.
+    #[error("SQL on the source database failed: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+}
+
+impl ReaderError {
+    /// True when retrying can't help: the operator must fix something. `first` is true when
+    /// the reader has not streamed yet in this process (then an unreachable Postgres is fatal
+    /// too: the configuration is probably wrong).
+    pub fn is_fatal(&self, first: bool) -> bool {
+        const REFUSALS: [&str; 4] = ["28P01", "28000", "42501", "3D000"];
+        match self {
+            ReaderError::Connect(e) => match e.code() {
+                Some(code) => REFUSALS.contains(&code),
+                None => first || matches!(e, PgConnError::Url(_) | PgConnError::TlsSetup { .. }),
+            },
+            ReaderError::Setup(SetupError::SlotActive { .. }) => first,
+            ReaderError::Setup(SetupError::Sql(_)) => false,
+            ReaderError::Setup(_) => true,
+            ReaderError::Replication(e) => match e.code() {
+                Some("55006") => first,
+                Some(code) => REFUSALS.contains(&code),
+                None => false,
+            },
+            ReaderError::Publish(_) | ReaderError::Decode(_) | ReaderError::Sql(_) => false,
+        }
+    }
+}
+
+/// Runs the reader until `shutdown` turns true, reconnecting after transient failures.
+pub async fn run(cfg: CdcConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), ReaderError> {
+    let target = PgTarget::parse(&cfg.postgres.url)?;
+    let mut backoff = Duration::from_millis(100);
+    let mut streamed_before = false;
+    loop {
+        let mut streamed = false;
+        let result = run_once(&cfg, &target, &mut shutdown, &mut streamed).await;
+        streamed_before |= streamed;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_fatal(!streamed_before) => return Err(e),
+            Err(e) => {
+                if streamed {
+                    backoff = Duration::from_millis(100);
+                }
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reader attempt failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+async fn run_once(
+    cfg: &CdcConfig,
+    target: &PgTarget,
+    shutdown: &mut watch::Receiver<bool>,
+    streamed: &mut bool,
+) -> Result<(), ReaderError> {
+    let pg = &cfg.postgres;
+    let sql = target.connect_sql().await?;
+    let slot_state = setup::prepare(&sql, &pg.tables, &pg.publication, &pg.slot).await?;
+    let mut sink = StreamSink::connect(&cfg.nats, cfg.ack_timeout()).await?;
+    let resume = sink.resume_point().await?;
+    let mut session = ReplicationSession::new(target.connect_replication().await?);
+    let ident = session.identify_system().await?;
+    if slot_state == SlotState::Missing {
+        match session.create_slot(&pg.slot).await {
+            Ok(at) => {
+                tracing::info!(slot = %pg.slot, consistent_point = %at, "created replication slot")
+            }
+            // Created by a racing reader; START_REPLICATION will sort out who owns it.
+            Err(e) if e.code() == Some("42710") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let stream = session.start(&pg.slot, &pg.publication, Lsn::ZERO).await?;
+    *streamed = true;
+    tracing::info!(
+        slot = %pg.slot,
+        database = %ident.dbname,
+        server_wal = %ident.xlog_pos,
+        resume = ?resume,
+        "streaming"
+    );
+    let pipeline = Pipeline::new(
+        cfg,
+        sink,
+        Arc::new(sql),
+        resume,
+        target.dbname().to_string(),
+    );
+    pipeline.run(stream, shutdown).await
+}
+
+type AckFuture = BoxFuture<'static, Result<Option<Lsn>, PublishError>>;
+
+/// The streaming state of one attempt.
+struct Pipeline<'a> {
+    cfg: &'a CdcConfig,
+    sink: StreamSink,
+    sql: Arc<tokio_postgres::Client>,
+    builder: ChangeBuilder,
+    resume: ResumePoint,
+    in_flight: FuturesOrdered<AckFuture>,
+    /// Highest LSN whose every change has its PubAck.
+    confirmed: Lsn,
+    /// Last LSN sent to Postgres.
+    reported: Lsn,
+    /// Highest keepalive position seen outside a transaction.
+    safe: Lsn,
+    /// Highest safe LSN pushed into the window as a marker.
+    marked: Lsn,
+    /// LSN of the last heartbeat published.
+    heartbeat_lsn: Lsn,
+    heartbeat_at: Instant,
+    /// Replication messages since the idle timer last fired.
+    activity: u64,
+    outputs: Vec<Output>,
+    published: u64,
+    skipped: u64,
+}
+
+impl<'a> Pipeline<'a> {
+    fn new(
+        cfg: &'a CdcConfig,
+        sink: StreamSink,
+        sql: Arc<tokio_postgres::Client>,
+        resume: ResumePoint,
+        db: String,
+    ) -> Self {
+        let heartbeat_lsn = match &resume {
+            ResumePoint::Heartbeat { lsn, .. } => *lsn,
+            _ => Lsn::ZERO,
+        };
+        Pipeline {
+            cfg,
+            sink,
+            sql,
+            builder: ChangeBuilder::new(db),
+            resume,
+            in_flight: FuturesOrdered::new(),
+            confirmed: Lsn::ZERO,
+            reported: Lsn::ZERO,
+            safe: Lsn::ZERO,
+            marked: Lsn::ZERO,
+            heartbeat_lsn,
+            heartbeat_at: Instant::now(),
+            activity: 0,
+            outputs: Vec::with_capacity(8),
+            published: 0,
+            skipped: 0,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut stream: ReplicationStream,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ReaderError> {
+        let tuning = &self.cfg.reader;
+        let window = self.cfg.nats.max_in_flight;
+        let mut status_timer =
+            tokio::time::interval(Duration::from_millis(tuning.status_interval_ms));
+        let mut heartbeat_timer = tokio::time::interval(Duration::from_millis(
+            tuning.heartbeat_min_interval_ms.max(1),
+        ));
+        heartbeat_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let idle_every = Duration::from_secs(tuning.idle_message_interval_secs.max(1));
+        let mut idle_timer =
+            tokio::time::interval_at(tokio::time::Instant::now() + idle_every, idle_every);
+        let idle_enabled = tuning.idle_message_interval_secs > 0;
+        loop {
+            tokio::select! {
+                biased;
+                // 1. Shutdown.
+                _ = shutdown.wait_for(|s| *s) => {
+                    return self.drain_and_finish(stream).await;
+                }
+                // 2. PubAcks, in publish order.
+                Some(acked) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    if let Some(lsn) = acked? {
+                        self.confirmed = self.confirmed.max(lsn);
+                    }
+                }
+                // 3. Standby status update.
+                _ = status_timer.tick() => {
+                    stream.send_status(self.confirmed, false).await?;
+                    self.reported = self.confirmed;
+                }
+                // 4. Heartbeat.
+                _ = heartbeat_timer.tick() => {
+                    self.maybe_heartbeat().await?;
+                }
+                // 5. Idle database: write a logical message so the slot can advance.
+                _ = idle_timer.tick(), if idle_enabled => {
+                    if self.activity == 0 {
+                        let sql = Arc::clone(&self.sql);
+                        tokio::spawn(async move {
+                            if let Err(e) = sql
+                                .execute("SELECT pg_logical_emit_message(false, 'cdc.idle', '')", &[])
+                                .await
+                            {
+                                tracing::debug!(error = %e, "idle message failed");
+                            }
+                        });
+                    }
+                    self.activity = 0;
+                }
+                // 6. The next replication message, while the window has room.
+                msg = stream.next_message(), if self.in_flight.len() < window => {
+                    match msg? {
+                        Some(m) => {
+                            self.activity += 1;
+                            self.on_replication_message(m, &mut stream).await?;
+                        }
+                        None => {
+                            return Err(ReplicationError::Protocol(
+                                "the server ended the replication stream".into(),
+                            )
+                            .into())
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_replication_message(
+        &mut self,
+        msg: ReplicationMessage,
+        stream: &mut ReplicationStream,
+    ) -> Result<(), ReaderError> {
+        match msg {
+            ReplicationMessage::XLogData {
+                wal_start, data, ..
+            } => {
+                let logical = pgoutput::decode(data).map_err(ReplicationError::from)?;
+                if let LogicalMessage::Relation(rel) = &logical {
+                    let unknown = self.builder.unknown_types(rel);
+                    if !unknown.is_empty() {
+                        self.builder.types_mut().load(&self.sql, &unknown).await?;
+                    }
+                }
+                let mut outputs = std::mem::take(&mut self.outputs);
+                self.builder.on_message(wal_start, logical, &mut outputs)?;
+                for out in outputs.drain(..) {
+                    self.on_output(out).await?;
+                }
+                self.outputs = outputs;
+            }
+            ReplicationMessage::PrimaryKeepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                // Mid-transaction the walsender's position may already be past the commit
+                // being sent; only between transactions does it bound what we have.
+                if !self.builder.in_transaction() && wal_end > self.safe {
+                    self.safe = wal_end;
+                    if wal_end > self.marked {
+                        self.marked = wal_end;
+                        self.in_flight
+                            .push_back(futures::future::ready(Ok(Some(wal_end))).boxed());
+                    }
+                    self.maybe_heartbeat().await?;
+                }
+                if reply_requested {
+                    stream.send_status(self.confirmed, false).await?;
+                    self.reported = self.confirmed;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_output(&mut self, out: Output) -> Result<(), ReaderError> {
+        match out {
+            Output::Event(ev) => self.publish_event(*ev).await?,
+            Output::TxEnd { end_lsn, .. } => {
+                self.in_flight
+                    .push_back(futures::future::ready(Ok(Some(end_lsn))).boxed());
+            }
+            Output::Message(m) => {
+                if !m.prefix.starts_with(MESSAGE_PREFIX) {
+                    tracing::trace!(prefix = %m.prefix, "ignoring logical message");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish_event(&mut self, ev: ChangeEvent) -> Result<(), ReaderError> {
+        let ordinal = ev.transaction.as_ref().map_or(0, |t| t.total_order);
+        if self.resume.covers(ev.source.commit_lsn, ordinal) {
+            self.skipped += 1;
+            return Ok(());
+        }
+        let body = serde_json::to_vec(&ev).map_err(|e| PublishError::Publish {
+            subject: ev.table_name(),
+            message: format!("encoding the event: {e}"),
+        })?;
+        let msg = Outgoing {
+            subject: subject::table_subject(
+                &self.cfg.nats.subject_prefix,
+                &ev.source.schema,
+                &ev.source.table,
+            ),
+            msg_id: msg_id(ev.source.commit_lsn, ordinal),
+            headers: event_headers(ev.op.code(), ev.table_name(), ev.source.commit_lsn),
+            body: body.into(),
+        };
+        let subject = msg.subject.clone();
+        let ack = self.sink.publish(msg).await?;
+        self.published += 1;
+        self.in_flight.push_back(
+            async move {
+                ack.await.map(|_| None).map_err(|e| PublishError::Publish {
+                    subject,
+                    message: e.to_string(),
+                })
+            }
+            .boxed(),
+        );
+        Ok(())
+    }
+
+    /// Publishes a heartbeat if the safe LSN moved (at most one per min interval) or the
+    /// interval passed; never in the middle of a transaction.
+    async fn maybe_heartbeat(&mut self) -> Result<(), ReaderError> {
+        if self.builder.in_transaction() {
+            return Ok(());
+        }
+        let tuning = &self.cfg.reader;
+        let since = self.heartbeat_at.elapsed();
+        let moved = self.safe > self.heartbeat_lsn
+            && since >= Duration::from_millis(tuning.heartbeat_min_interval_ms);
+        let due = since >= Duration::from_millis(tuning.heartbeat_interval_ms);
+        if !(moved || due) || self.safe == Lsn::ZERO {
+            return Ok(());
+        }
+        let lsn = self.safe.max(self.heartbeat_lsn);
+        let ack = self.sink.publish_heartbeat(lsn).await?;
+        self.heartbeat_lsn = lsn;
+        self.heartbeat_at = Instant::now();
+        self.in_flight.push_back(
+            async move {
+                ack.await
+                    .map(|_| Some(lsn))
+                    .map_err(|e| PublishError::Publish {
+                        subject: "heartbeat".into(),
+                        message: e.to_string(),
+                    })
+            }
+            .boxed(),
+        );
+        Ok(())
+    }
+
+    async fn drain_and_finish(mut self, stream: ReplicationStream) -> Result<(), ReaderError> {
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while !self.in_flight.is_empty() {
+            match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
+                Ok(Some(Ok(Some(lsn)))) => self.confirmed = self.confirmed.max(lsn),
+                Ok(Some(Ok(None))) => {}
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "publish failed while draining; the rest will be re-sent on restart");
+                    break;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        "PubAcks still missing at shutdown; the rest will be re-sent on restart"
+                    );
+                    break;
+                }
+            }
+        }
+        tracing::info!(confirmed = %self.confirmed, published = self.published, skipped = self.skipped, "stopping: confirming last acknowledged position");
+        stream.finish(self.confirmed).await?;
+        Ok(())
+    }
+}

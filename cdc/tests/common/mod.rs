@@ -1,0 +1,224 @@
+//! Shared set-up for the reader's integration tests: private servers, a config file, the `cdc`
+//! binary as a child process, and reading the stream back.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use async_nats::jetstream::{self, consumer};
+use cdc::envelope::{ChangeEvent, HEADER_LARGE_REF};
+use futures::StreamExt;
+use testkit::{ChildProcess, Nats, Postgres};
+use tokio::io::AsyncReadExt;
+
+/// Servers, a fresh database and a config file for one test.
+pub struct Env {
+    pub pg: Postgres,
+    pub nats: Nats,
+    pub db: String,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub stream: String,
+    pub prefix: String,
+}
+
+/// A message read back from the stream.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub seq: u64,
+    pub subject: String,
+    pub headers: HashMap<String, String>,
+    pub event: ChangeEvent,
+}
+
+impl Env {
+    /// Starts Postgres and NATS, creates a database, runs `schema` in it and writes a config
+    /// publishing `tables`.
+    pub async fn start(schema: &str, tables: &[&str]) -> Result<Env> {
+        let pg = Postgres::start().await?;
+        let nats = Nats::start().await?;
+        Self::with_servers(pg, nats, schema, tables).await
+    }
+
+    /// Like [`Env::start`] on given servers.
+    pub async fn with_servers(
+        pg: Postgres,
+        nats: Nats,
+        schema: &str,
+        tables: &[&str],
+    ) -> Result<Env> {
+        let db = pg.create_database("cdc").await?;
+        if !schema.is_empty() {
+            pg.batch_execute(&db, schema).await?;
+        }
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("cdc.toml");
+        let env = Env {
+            pg,
+            nats,
+            db,
+            dir,
+            config,
+            stream: "CDC".into(),
+            prefix: "cdc".into(),
+        };
+        env.write_config(tables, "")?;
+        Ok(env)
+    }
+
+    /// (Re)writes the config file; `extra` is appended verbatim (e.g. a `[reader]` table).
+    pub fn write_config(&self, tables: &[&str], extra: &str) -> Result<()> {
+        let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
+        let text = format!(
+            "[postgres]\nurl = {url:?}\nslot = \"cdc_slot\"\npublication = \"cdc_pub\"\ntables = [{tables}]\n\n[nats]\nurl = {nats:?}\nstream = {stream:?}\nsubject_prefix = {prefix:?}\n{extra}\n",
+            url = self.pg.url(&self.db),
+            tables = tables.join(", "),
+            nats = self.nats.url(),
+            stream = self.stream,
+            prefix = self.prefix,
+        );
+        std::fs::write(&self.config, text)?;
+        Ok(())
+    }
+
+    /// Starts `cdc run --config …`.
+    pub fn spawn_reader(&self) -> Result<ChildProcess> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdc"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info,cdc=debug");
+        testkit::spawn_logged(cmd, "cdc")
+    }
+
+    /// Starts the reader and waits until it streams.
+    pub async fn start_reader(&self) -> Result<ChildProcess> {
+        let mut reader = self.spawn_reader()?;
+        reader
+            .wait_for_output("streaming", Duration::from_secs(30))
+            .await?;
+        Ok(reader)
+    }
+
+    /// A SQL session on the test database.
+    pub async fn sql(&self) -> Result<tokio_postgres::Client> {
+        self.pg.connect(&self.db).await
+    }
+
+    /// A JetStream context on the test server.
+    pub async fn jetstream(&self) -> Result<jetstream::Context> {
+        let client = async_nats::connect(self.nats.url()).await?;
+        Ok(jetstream::new(client))
+    }
+
+    /// Waits until the stream holds at least `count` change events, then returns all of them
+    /// (heartbeats left out) in stream order.
+    pub async fn wait_for_events(&self, count: usize, timeout: Duration) -> Result<Vec<Received>> {
+        let js = self.jetstream().await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut events: Vec<Received> = Vec::new();
+        let mut next_seq = 1;
+        loop {
+            let batch = read_from(&js, &self.stream, &self.prefix, next_seq).await?;
+            if let Some(last) = batch.last_seq {
+                next_seq = last + 1;
+            }
+            events.extend(batch.events);
+            if events.len() >= count {
+                return Ok(events);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "timed out after {timeout:?} waiting for {count} events; have {}",
+                    events.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub struct Batch {
+    pub events: Vec<Received>,
+    pub last_seq: Option<u64>,
+}
+
+/// Reads every message from `start_seq` to the stream's current end.
+pub async fn read_from(
+    js: &jetstream::Context,
+    stream: &str,
+    prefix: &str,
+    start_seq: u64,
+) -> Result<Batch> {
+    let mut s = js.get_stream(stream).await.context("stream missing")?;
+    let last = s.info().await?.state.last_sequence;
+    if last < start_seq {
+        return Ok(Batch {
+            events: vec![],
+            last_seq: None,
+        });
+    }
+    let consumer = s
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start_seq,
+            },
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let heartbeat = format!("{prefix}._heartbeat");
+    let mut events = Vec::new();
+    let mut last_seq = None;
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        .await
+        .context("stream read stalled")?
+    {
+        let msg = msg.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let seq = msg
+            .info()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .stream_sequence;
+        last_seq = Some(seq);
+        if msg.subject.as_str() != heartbeat {
+            let headers: HashMap<String, String> = msg
+                .headers
+                .iter()
+                .flat_map(|h| h.iter())
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        v.first()
+                            .map(|x| x.as_str().to_string())
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let body = match headers.get(HEADER_LARGE_REF) {
+                Some(name) => {
+                    let store = js.get_object_store(format!("{stream}_LARGE")).await?;
+                    let mut obj = store.get(name).await?;
+                    let mut buf = Vec::new();
+                    obj.read_to_end(&mut buf).await?;
+                    buf
+                }
+                None => msg.payload.to_vec(),
+            };
+            let event: ChangeEvent = serde_json::from_slice(&body)
+                .with_context(|| format!("event at seq {seq} does not parse"))?;
+            events.push(Received {
+                seq,
+                subject: msg.subject.to_string(),
+                headers,
+                event,
+            });
+        }
+        if seq >= last {
+            break;
+        }
+    }
+    Ok(Batch { events, last_seq })
+}
