@@ -8,11 +8,22 @@
 //! - [`keys`]: order-preserving encoding of key values into sled keys;
 //! - [`store`]: the sled store, atomic apply, consistent reads, read-your-writes waits;
 
+pub mod agent;
 pub mod config;
+pub mod follow;
 pub mod keys;
+pub mod server;
+pub mod sql;
 pub mod store;
 
+pub use agent::{Agent, AgentError};
 pub use config::{AgentConfig, ViewConfig};
 pub use store::{
     Progress, QueryError, ReadResult, SourceTransaction, StoreError, ViewStatus, ViewStore,
 };
+
+/// Resolves once `shutdown` holds `true` (or its sender is gone).
+pub(crate) async fn shutdown_requested(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped here, so callers' futures stay `Send`.
+    let _ = shutdown.wait_for(|s| *s).await;
+}

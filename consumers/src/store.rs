@@ -722,6 +722,9 @@ impl From<StoreError> for PendingError {
     }
 }
 
+/// A sled key and value.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Writes of the batch being prepared, read through before the tree (a transaction may write
 /// the same row twice).
 struct Pending<'a> {
@@ -746,7 +749,7 @@ impl Pending<'_> {
     }
 
     /// Every live key/value under `prefix`, tree and pending writes merged.
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, PendingError> {
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, PendingError> {
         let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         for item in self.tree.scan_prefix(prefix) {
             let (k, v) = item?;

@@ -1,0 +1,424 @@
+//! Following the stream: an ordered JetStream consumer from `applied_seq + 1`, whole source
+//! transactions gathered and applied atomically, heartbeats turned into the read-your-writes
+//! watermark, history gaps turned into stale views.
+//!
+//! Why an ordered (ephemeral) consumer: the agent's position lives in sled, in the same batch as
+//! the rows, so the server-side state of a durable consumer would be a second position that can
+//! disagree with the first; an ordered consumer is created from the sled position on every
+//! (re)start and needs no acks.
+//!
+//! # When is a sequence gap history loss?
+//! Heartbeats may be published with `Nats-Rollup: sub`, which purges older heartbeats, so
+//! sequence numbers have holes in normal operation. Retention (`max_msgs`, `max_age`,
+//! `max_bytes`) only ever removes messages from the front of the stream. So a hole starting at
+//! sequence `s` is lost history exactly when the stream's first sequence, read after the hole is
+//! seen, is greater than `s` (the front moved past a message the agent never applied); a hole
+//! behind the front is a purged heartbeat. The agent records its position on heartbeats too, so a
+//! tail of purged heartbeats is not mistaken for loss after a restart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::stream::RawMessageErrorKind;
+use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
+use cdc::envelope::{ChangeEvent, Heartbeat, HEADER_LARGE_REF};
+use futures::{FutureExt, StreamExt};
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use crate::config::{ApplyConfig, NatsConfig};
+use crate::store::{SourceTransaction, StoreError, ViewStore, HISTORY_GAP_PREFIX};
+
+/// How often the stream's last sequence is refreshed for `cdc_status`.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Largest sequence hole whose messages are probed one by one (a longer run of purged
+/// heartbeats is only checked against the stream's front).
+const MAX_GAP_PROBE: usize = 256;
+/// Timeout of one JetStream API request (stream info, object get).
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of the follow loop. Only store errors stop the agent; NATS errors are retried.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// The store failed; applying cannot continue.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A reason to drop the current NATS session and start a new one.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the consumer skipped stream message {0}")]
+    Skipped(u64),
+}
+
+fn nats_err(what: &str, e: impl std::fmt::Display) -> SessionError {
+    SessionError::Nats(format!("{what}: {e}"))
+}
+
+/// Follows the stream until `shutdown` turns true. NATS being unreachable is not an error: the
+/// loop retries with backoff while the views keep answering queries.
+pub async fn follow(
+    store: Arc<ViewStore>,
+    nats: NatsConfig,
+    apply: ApplyConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), FollowError> {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .name("view-agent")
+        .connect(nats.url.as_str())
+        .await;
+    let client = match client {
+        Ok(c) => c,
+        Err(e) => {
+            // Only a malformed URL fails here (connecting is retried in the background).
+            tracing::error!(url = %nats.url, error = %e, "cannot use nats.url; views are served, nothing is applied");
+            crate::shutdown_requested(&mut shutdown).await;
+            return Ok(());
+        }
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let mut session = Session::new(&store, &client, &nats, &apply);
+        match session.run(&mut shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(SessionError::Store(e)) => return Err(e.into()),
+            Err(SessionError::Skipped(_)) => {
+                backoff = Duration::from_millis(100);
+                continue;
+            }
+            Err(SessionError::Nats(e)) => {
+                if session.applied_any {
+                    backoff = Duration::from_millis(100);
+                }
+                tracing::warn!(error = %e, retry_in = ?backoff, "stream unavailable; views keep answering");
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = crate::shutdown_requested(&mut shutdown) => return Ok(()),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One consumer lifetime: from the stored position until an error or shutdown.
+struct Session<'a> {
+    store: &'a ViewStore,
+    client: &'a async_nats::Client,
+    js: jetstream::Context,
+    nats: &'a NatsConfig,
+    apply: &'a ApplyConfig,
+    heartbeat_subject: String,
+    /// Events of the source transaction being read (not yet complete).
+    open_tx: Vec<ChangeEvent>,
+    /// Complete transactions waiting for the next batch.
+    ready: Vec<SourceTransaction>,
+    ready_events: usize,
+    /// Stream sequence expected next (for gap detection).
+    expected_seq: u64,
+    large: Option<jetstream::object_store::ObjectStore>,
+    stream: Option<jetstream::stream::Stream>,
+    applied_any: bool,
+}
+
+impl<'a> Session<'a> {
+    fn new(
+        store: &'a ViewStore,
+        client: &'a async_nats::Client,
+        nats: &'a NatsConfig,
+        apply: &'a ApplyConfig,
+    ) -> Self {
+        Session {
+            store,
+            client,
+            js: jetstream::new(client.clone()),
+            nats,
+            apply,
+            heartbeat_subject: format!("{}._heartbeat", nats.subject_prefix),
+            open_tx: Vec::new(),
+            ready: Vec::new(),
+            ready_events: 0,
+            expected_seq: 0,
+            large: None,
+            stream: None,
+            applied_any: false,
+        }
+    }
+
+    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), SessionError> {
+        let mut stream = tokio::time::timeout(API_TIMEOUT, self.js.get_stream(&self.nats.stream))
+            .await
+            .map_err(|e| nats_err("get stream", e))?
+            .map_err(|e| nats_err(&format!("get stream {:?}", self.nats.stream), e))?;
+        self.stream = Some(stream.clone());
+        let start = self.store.progress().applied_seq + 1;
+        self.expected_seq = start;
+        let info = stream.cached_info().state.clone();
+        self.store.set_stream_last_seq(info.last_sequence);
+        self.check_front(info.first_sequence, info.last_sequence, start)
+            .await?;
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err("create ordered consumer", e))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| nats_err("start ordered consumer", e))?;
+        tracing::info!(stream = %self.nats.stream, from_seq = start, "following the stream");
+        let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Group commit: while complete transactions wait, take more only if a message is
+            // already here; otherwise apply now, so that latency stays one batch.
+            if !self.ready.is_empty() {
+                if self.ready_events < self.apply.max_batch_events {
+                    if let Some(next) = messages.next().now_or_never() {
+                        match next {
+                            Some(Ok(msg)) => {
+                                self.handle(msg).await?;
+                                continue;
+                            }
+                            Some(Err(e)) => {
+                                self.apply_ready()?;
+                                return Err(nats_err("ordered consumer", e));
+                            }
+                            None => {
+                                self.apply_ready()?;
+                                return Err(SessionError::Nats("ordered consumer ended".into()));
+                            }
+                        }
+                    }
+                }
+                self.apply_ready()?;
+            }
+            tokio::select! {
+                biased;
+                // 1. Shutdown: stop at a transaction boundary (nothing half-applied exists:
+                //    incomplete transactions are only in memory and are read again next start).
+                _ = crate::shutdown_requested(shutdown) => return Ok(()),
+                // 2. Status: refresh the stream's last sequence for lag reporting.
+                _ = status_tick.tick() => {
+                    match tokio::time::timeout(API_TIMEOUT, stream.info()).await {
+                        Ok(Ok(info)) => self.store.set_stream_last_seq(info.state.last_sequence),
+                        Ok(Err(e)) => tracing::debug!(error = %e, "stream info"),
+                        Err(_) => tracing::debug!("stream info timed out"),
+                    }
+                }
+                // 3. The next message.
+                next = messages.next() => match next {
+                    Some(Ok(msg)) => self.handle(msg).await?,
+                    Some(Err(e)) => return Err(nats_err("ordered consumer", e)),
+                    None => return Err(SessionError::Nats("ordered consumer ended".into())),
+                },
+            }
+        }
+    }
+
+    /// Marks the views stale when the stream's front is past `expected` (see module docs).
+    async fn check_front(
+        &mut self,
+        first_seq: u64,
+        last_seq: u64,
+        expected: u64,
+    ) -> Result<(), SessionError> {
+        // An empty stream reports first = last + 1 (or 0/0 when new): nothing was lost unless
+        // its front is past what we expect.
+        if first_seq <= expected || (first_seq == 0 && last_seq == 0) {
+            return Ok(());
+        }
+        let reason = format!(
+            "{HISTORY_GAP_PREFIX}: stream {} starts at sequence {first_seq} but this agent has applied only up to {}; \
+             retention removed changes the view never saw. A re-snapshot of the source tables was requested; \
+             if no snapshot arrives, rebuild with `view-agent replay --from-start` after `cdc snapshot`",
+            self.nats.stream,
+            expected - 1
+        );
+        tracing::error!(%reason, "views are stale");
+        self.store.mark_all_stale(&reason)?;
+        self.request_resnapshot().await;
+        Ok(())
+    }
+
+    /// Asks the reader to re-snapshot every source table of this agent's views (best effort).
+    async fn request_resnapshot(&self) {
+        let subject = format!("{}._control.snapshot", self.nats.subject_prefix);
+        let mut tables: Vec<&str> = self
+            .store
+            .views()
+            .iter()
+            .map(|v| v.config.source.as_str())
+            .collect();
+        tables.sort_unstable();
+        tables.dedup();
+        for table in tables {
+            let body = serde_json::json!({ "table": table }).to_string();
+            let req = self.client.request(subject.clone(), body.into());
+            match tokio::time::timeout(Duration::from_secs(2), req).await {
+                Ok(Ok(reply)) => {
+                    tracing::info!(table, reply = %String::from_utf8_lossy(&reply.payload), "re-snapshot requested")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(table, error = %e, "re-snapshot request not answered; run `cdc snapshot --table`")
+                }
+                Err(_) => tracing::warn!(
+                    table,
+                    "re-snapshot request timed out; run `cdc snapshot --table`"
+                ),
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: jetstream::Message) -> Result<(), SessionError> {
+        let seq = msg
+            .info()
+            .map_err(|e| nats_err("message without JetStream info", e))?
+            .stream_sequence;
+        if seq < self.expected_seq {
+            // Already applied (redelivery after a consumer reset).
+            return Ok(());
+        }
+        if seq > self.expected_seq {
+            self.check_gap(self.expected_seq, seq).await?;
+        }
+        self.expected_seq = seq + 1;
+        if msg.subject.as_str() == self.heartbeat_subject {
+            let hb: Heartbeat = match serde_json::from_slice(&msg.payload) {
+                Ok(hb) => hb,
+                Err(e) => {
+                    tracing::warn!(seq, error = %e, "ignoring an undecodable heartbeat");
+                    return Ok(());
+                }
+            };
+            if self.open_tx.is_empty() {
+                self.apply_ready()?;
+                self.store.record_heartbeat(seq, hb.lsn)?;
+            }
+            return Ok(());
+        }
+        let body = match msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(HEADER_LARGE_REF))
+            .map(|v| v.as_str().to_owned())
+        {
+            Some(name) => self.fetch_large(&name).await?,
+            None => msg.payload.to_vec(),
+        };
+        let event: ChangeEvent = match serde_json::from_slice(&body) {
+            Ok(ev) => ev,
+            Err(e) => {
+                let reason = format!(
+                    "undecodable event at stream sequence {seq} on {} ({e}); the reader and agent versions may differ",
+                    msg.subject
+                );
+                tracing::error!(%reason, "views are stale");
+                self.store.mark_all_stale(&reason)?;
+                return Ok(());
+            }
+        };
+        let ends = event.ends_transaction();
+        self.open_tx.push(event);
+        if ends {
+            let events = std::mem::take(&mut self.open_tx);
+            self.ready_events += events.len();
+            self.ready.push(SourceTransaction {
+                last_seq: seq,
+                events,
+            });
+        }
+        Ok(())
+    }
+
+    /// Classifies the hole `[from, to)` in delivered sequences (see module docs): a message
+    /// still in the stream was skipped by the consumer (nats-server 2.9 advances consumers past
+    /// non-purged messages when a `Nats-Rollup: sub` purge happens) and the session restarts
+    /// from the stored position; a removed message behind the front is a purged heartbeat; a
+    /// front past `from` is lost history.
+    async fn check_gap(&mut self, from: u64, to: u64) -> Result<(), SessionError> {
+        let Some(stream) = self.stream.clone() else {
+            return Err(SessionError::Nats("no stream handle".into()));
+        };
+        for s in (from..to).take(MAX_GAP_PROBE) {
+            match tokio::time::timeout(API_TIMEOUT, stream.get_raw_message(s)).await {
+                Ok(Ok(m)) if m.subject.as_str() == self.heartbeat_subject => {}
+                Ok(Ok(_)) => {
+                    tracing::warn!(seq = s, "the consumer skipped a stored message; re-reading from the applied position");
+                    self.apply_ready()?;
+                    return Err(SessionError::Skipped(s));
+                }
+                Ok(Err(e)) if e.kind() == RawMessageErrorKind::NoMessageFound => {}
+                Ok(Err(e)) => return Err(nats_err("checking a sequence gap", e)),
+                Err(e) => return Err(nats_err("checking a sequence gap", e)),
+            }
+        }
+        let mut stream = stream;
+        let state = tokio::time::timeout(API_TIMEOUT, stream.info())
+            .await
+            .map_err(|e| nats_err("stream info", e))?
+            .map_err(|e| nats_err("stream info", e))?
+            .state
+            .clone();
+        self.check_front(state.first_sequence, state.last_sequence, from)
+            .await
+    }
+
+    async fn fetch_large(&mut self, name: &str) -> Result<Vec<u8>, SessionError> {
+        if self.large.is_none() {
+            let bucket = format!("{}_LARGE", self.nats.stream);
+            let os = self
+                .js
+                .get_object_store(&bucket)
+                .await
+                .map_err(|e| nats_err(&format!("object store {bucket}"), e))?;
+            self.large = Some(os);
+        }
+        let Some(os) = &self.large else {
+            return Err(SessionError::Nats("object store unavailable".into()));
+        };
+        let fetch = async {
+            let mut obj = os
+                .get(name)
+                .await
+                .map_err(|e| nats_err(&format!("large event object {name}"), e))?;
+            let mut buf = Vec::new();
+            obj.read_to_end(&mut buf)
+                .await
+                .map_err(|e| nats_err(&format!("reading large event object {name}"), e))?;
+            Ok::<_, SessionError>(buf)
+        };
+        tokio::time::timeout(API_TIMEOUT * 12, fetch)
+            .await
+            .map_err(|e| nats_err(&format!("large event object {name}"), e))?
+    }
+
+    fn apply_ready(&mut self) -> Result<(), SessionError> {
+        if self.ready.is_empty() {
+            return Ok(());
+        }
+        self.store.apply(&self.ready)?;
+        self.ready.clear();
+        self.ready_events = 0;
+        self.applied_any = true;
+        Ok(())
+    }
+}

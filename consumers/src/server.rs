@@ -1,0 +1,781 @@
+//! The read-only Postgres-wire server: each view is a table, plus `cdc_status`.
+//!
+//! Simple and extended query protocols share one executor ([`QueryService::execute`]). Session
+//! settings live in the connection's metadata: `cdc.min_lsn` (queries wait until the applied
+//! watermark reaches it), `cdc.min_lsn_timeout` (how long; `500ms`, `5s` or milliseconds),
+//! `cdc.allow_stale` (`on`: a stale view answers, with a NOTICE, instead of failing).
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cdc::Lsn;
+use futures::{stream, Sink, SinkExt};
+use pgwire::api::auth::md5pass::{hash_md5_password, Md5PasswordAuthStartupHandler};
+use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::auth::{
+    AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
+};
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::stmt::QueryParser;
+use pgwire::api::store::PortalStore;
+use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::response::NoticeResponse;
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::PgwireConfig;
+use crate::sql::{self, Operand, Plan, SelectPlan, SqlError, STATUS_COLUMNS};
+use crate::store::{QueryError, ViewStore};
+
+const SET_MIN_LSN: &str = "cdc.min_lsn";
+const SET_MIN_LSN_TIMEOUT: &str = "cdc.min_lsn_timeout";
+const SET_ALLOW_STALE: &str = "cdc.allow_stale";
+
+fn user_error(code: &str, message: impl Into<String>) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".to_owned(),
+        code.to_owned(),
+        message.into(),
+    )))
+}
+
+impl From<SqlError> for PgWireError {
+    fn from(e: SqlError) -> Self {
+        user_error(e.sqlstate(), e.to_string())
+    }
+}
+
+fn query_error(e: QueryError) -> PgWireError {
+    let code = match &e {
+        QueryError::UnknownView(_) => "42P01",
+        QueryError::KeyArity { .. } => "42601",
+        QueryError::Stale { .. } => "55000",
+        QueryError::LsnTimeout { .. } => "57014",
+        QueryError::Store(_) => "58030",
+    };
+    user_error(code, e.to_string())
+}
+
+fn pg_type(name: &str) -> Type {
+    match name {
+        "int8" => Type::INT8,
+        "int4" => Type::INT4,
+        "int2" => Type::INT2,
+        "float8" => Type::FLOAT8,
+        "bool" => Type::BOOL,
+        _ => Type::TEXT,
+    }
+}
+
+/// Parses `500ms`, `5s`, `1min` or a bare number of milliseconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    match unit.trim() {
+        "" | "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "min" => Some(Duration::from_secs(n.checked_mul(60)?)),
+        _ => None,
+    }
+}
+
+/// Turns SQL text into plans for the extended protocol.
+#[derive(Debug)]
+pub struct PlanParser {
+    store: Arc<ViewStore>,
+}
+
+#[async_trait]
+impl QueryParser for PlanParser {
+    type Statement = Plan;
+
+    async fn parse_sql<C>(
+        &self,
+        _client: &C,
+        sql: &str,
+        _types: &[Option<Type>],
+    ) -> PgWireResult<Option<Plan>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        Ok(sql::plan_one(sql, &self.store)?)
+    }
+
+    fn get_parameter_types(&self, stmt: &Plan) -> PgWireResult<Vec<Type>> {
+        Ok(stmt.param_types().iter().map(|t| pg_type(t)).collect())
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &Plan,
+        column_format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        Ok(schema(
+            stmt,
+            column_format.unwrap_or(&Format::UnifiedBinary),
+        ))
+    }
+}
+
+fn field(name: &str, ty: &str, format: &Format, idx: usize) -> FieldInfo {
+    FieldInfo::new(
+        name.to_owned(),
+        None,
+        None,
+        pg_type(ty),
+        format.format_for(idx),
+    )
+}
+
+/// The result columns of a plan (empty for statements that return no rows).
+fn schema(plan: &Plan, format: &Format) -> Vec<FieldInfo> {
+    match plan {
+        Plan::Select(s) => s
+            .columns
+            .iter()
+            .zip(&s.types)
+            .enumerate()
+            .map(|(i, (c, t))| field(c, t, format, i))
+            .collect(),
+        Plan::Status(cols) => cols
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| field(STATUS_COLUMNS[c].0, STATUS_COLUMNS[c].1, format, i))
+            .collect(),
+        Plan::Constants(cs) => cs
+            .iter()
+            .enumerate()
+            .map(|(i, (n, v))| {
+                let ty = match v {
+                    Value::Number(n) if n.is_i64() => "int4",
+                    Value::Bool(_) => "bool",
+                    _ => "text",
+                };
+                field(n, ty, format, i)
+            })
+            .collect(),
+        Plan::Show(name) => vec![field(name, "text", format, 0)],
+        Plan::Set { .. } | Plan::Ack(_) => Vec::new(),
+    }
+}
+
+/// Encodes one JSON value as a field of Postgres type `ty`.
+fn encode(enc: &mut DataRowEncoder, ty: &str, col: &str, v: Option<&Value>) -> PgWireResult<()> {
+    let v = v.filter(|v| !v.is_null());
+    let mismatch = |v: &Value| {
+        user_error(
+            "22P02",
+            format!("column {col:?} holds {v}, which is not {ty}; fix the view's column_types"),
+        )
+    };
+    match ty {
+        "int8" | "int4" | "int2" => {
+            let i = match v {
+                None => None,
+                Some(Value::Number(n)) => Some(
+                    n.as_i64()
+                        .ok_or_else(|| mismatch(&Value::Number(n.clone())))?,
+                ),
+                Some(Value::String(s)) => Some(
+                    s.parse::<i64>()
+                        .map_err(|_| mismatch(&Value::String(s.clone())))?,
+                ),
+                Some(other) => return Err(mismatch(other)),
+            };
+            match ty {
+                "int8" => enc.encode_field(&i),
+                "int4" => enc.encode_field(
+                    &i.map(i32::try_from)
+                        .transpose()
+                        .map_err(|_| mismatch(v.unwrap_or(&Value::Null)))?,
+                ),
+                _ => enc.encode_field(
+                    &i.map(i16::try_from)
+                        .transpose()
+                        .map_err(|_| mismatch(v.unwrap_or(&Value::Null)))?,
+                ),
+            }
+        }
+        "float8" => {
+            let f = match v {
+                None => None,
+                Some(Value::Number(n)) => n.as_f64(),
+                Some(Value::String(s)) => Some(
+                    s.parse::<f64>()
+                        .map_err(|_| mismatch(&Value::String(s.clone())))?,
+                ),
+                Some(other) => return Err(mismatch(other)),
+            };
+            enc.encode_field(&f)
+        }
+        "bool" => {
+            let b = match v {
+                None => None,
+                Some(Value::Bool(b)) => Some(*b),
+                Some(Value::String(s)) if s == "t" || s == "true" => Some(true),
+                Some(Value::String(s)) if s == "f" || s == "false" => Some(false),
+                Some(other) => return Err(mismatch(other)),
+            };
+            enc.encode_field(&b)
+        }
+        _ => {
+            let s = match v {
+                None => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(other) => Some(other.to_string()),
+            };
+            enc.encode_field(&s)
+        }
+    }
+}
+
+/// Executes plans against a [`ViewStore`]; shared by both query protocols.
+#[derive(Debug)]
+pub struct QueryService {
+    store: Arc<ViewStore>,
+    parser: Arc<PlanParser>,
+    default_min_lsn_timeout: Duration,
+    max_rows: usize,
+}
+
+impl QueryService {
+    /// A service over `store` with the `[pgwire]` settings.
+    pub fn new(store: Arc<ViewStore>, cfg: &PgwireConfig) -> Self {
+        QueryService {
+            parser: Arc::new(PlanParser {
+                store: store.clone(),
+            }),
+            store,
+            default_min_lsn_timeout: Duration::from_millis(cfg.min_lsn_timeout_ms),
+            max_rows: cfg.max_result_rows,
+        }
+    }
+
+    /// Runs one plan with bound parameters.
+    pub async fn execute<C>(
+        &self,
+        client: &mut C,
+        plan: &Plan,
+        params: &[Value],
+        format: &Format,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match plan {
+            Plan::Set { name, value } => {
+                self.set(client, name, value.as_deref())?;
+                Ok(Response::Execution(Tag::new("SET")))
+            }
+            Plan::Ack(tag) => Ok(Response::Execution(Tag::new(tag))),
+            Plan::Show(name) => {
+                let v =
+                    client
+                        .metadata()
+                        .get(name.as_str())
+                        .cloned()
+                        .or_else(|| match name.as_str() {
+                            SET_MIN_LSN => Some("0/0".into()),
+                            SET_MIN_LSN_TIMEOUT => {
+                                Some(format!("{}ms", self.default_min_lsn_timeout.as_millis()))
+                            }
+                            SET_ALLOW_STALE => Some("off".into()),
+                            _ => None,
+                        });
+                let Some(v) = v else {
+                    return Err(user_error(
+                        "42704",
+                        format!("unrecognized configuration parameter {name:?}"),
+                    ));
+                };
+                let fields = Arc::new(schema(plan, format));
+                let mut enc = DataRowEncoder::new(fields.clone());
+                enc.encode_field(&Some(v))?;
+                Ok(Response::Query(QueryResponse::new(
+                    fields,
+                    stream::iter(vec![Ok(enc.take_row())]),
+                )))
+            }
+            Plan::Constants(cs) => {
+                let fields = Arc::new(schema(plan, format));
+                let mut enc = DataRowEncoder::new(fields.clone());
+                for (f, (n, v)) in fields.iter().zip(cs) {
+                    let ty = match *f.datatype() {
+                        Type::INT4 => "int4",
+                        Type::BOOL => "bool",
+                        _ => "text",
+                    };
+                    encode(&mut enc, ty, n, Some(v))?;
+                }
+                Ok(Response::Query(QueryResponse::new(
+                    fields,
+                    stream::iter(vec![Ok(enc.take_row())]),
+                )))
+            }
+            Plan::Status(cols) => {
+                self.wait_min_lsn(client).await?;
+                let fields = Arc::new(schema(plan, format));
+                let mut enc = DataRowEncoder::new(fields.clone());
+                let mut rows = Vec::new();
+                for st in self.store.status() {
+                    let p = st.progress;
+                    let lag = p.stream_last_seq.saturating_sub(p.applied_seq);
+                    for &c in cols {
+                        let v = match STATUS_COLUMNS[c].0 {
+                            "view" => Value::from(st.view.clone()),
+                            "source" => Value::from(st.source.clone()),
+                            "applied_lsn" => Value::from(p.applied_lsn.to_string()),
+                            "watermark_lsn" => Value::from(p.watermark.to_string()),
+                            "applied_seq" => Value::from(p.applied_seq),
+                            "stream_last_seq" => Value::from(p.stream_last_seq),
+                            "lag" => Value::from(lag),
+                            "stale" => Value::from(st.stale.is_some()),
+                            _ => st.stale.clone().map(Value::from).unwrap_or(Value::Null),
+                        };
+                        encode(&mut enc, STATUS_COLUMNS[c].1, STATUS_COLUMNS[c].0, Some(&v))?;
+                    }
+                    rows.push(Ok(enc.take_row()));
+                }
+                Ok(Response::Query(QueryResponse::new(
+                    fields,
+                    stream::iter(rows),
+                )))
+            }
+            Plan::Select(s) => self.select(client, plan, s, params, format).await,
+        }
+    }
+
+    async fn select<C>(
+        &self,
+        client: &mut C,
+        plan: &Plan,
+        s: &SelectPlan,
+        params: &[Value],
+        format: &Format,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let resolve = |o: &Operand| -> PgWireResult<Value> {
+            match o {
+                Operand::Value(v) => Ok(v.clone()),
+                Operand::Param(i) => params.get(*i).cloned().ok_or_else(|| {
+                    user_error("08P01", format!("parameter ${} was not bound", i + 1))
+                }),
+            }
+        };
+        let mut keys: Vec<Vec<Value>> = vec![Vec::new()];
+        for alternatives in &s.key_values {
+            let vals = alternatives
+                .iter()
+                .map(resolve)
+                .collect::<PgWireResult<Vec<_>>>()?;
+            keys = keys
+                .iter()
+                .flat_map(|k| {
+                    vals.iter().map(move |v| {
+                        let mut k = k.clone();
+                        k.push(v.clone());
+                        k
+                    })
+                })
+                .collect();
+        }
+        let limit = match &s.limit {
+            None => self.max_rows,
+            Some(o) => match resolve(o)? {
+                Value::Null => self.max_rows,
+                v => v
+                    .as_u64()
+                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                    .ok_or_else(|| user_error("2201W", format!("LIMIT must not be negative: {v}")))?
+                    .min(self.max_rows as u64) as usize,
+            },
+        };
+        self.wait_min_lsn(client).await?;
+        let allow_stale = client
+            .metadata()
+            .get(SET_ALLOW_STALE)
+            .is_some_and(|v| matches!(v.as_str(), "on" | "true" | "1" | "yes"));
+        let result = self
+            .store
+            .lookup(&s.view, &keys, limit, allow_stale)
+            .map_err(query_error)?;
+        if let Some(reason) = &result.stale {
+            let notice = ErrorInfo::new(
+                "WARNING".into(),
+                "01000".into(),
+                format!("view {:?} is stale: {reason}", s.view),
+            );
+            client
+                .feed(PgWireBackendMessage::NoticeResponse(NoticeResponse::from(
+                    notice,
+                )))
+                .await?;
+        }
+        let fields = Arc::new(schema(plan, format));
+        let mut enc = DataRowEncoder::new(fields.clone());
+        let whole_row = self
+            .store
+            .view(&s.view)
+            .is_some_and(|v| v.config.columns.is_none());
+        let mut rows = Vec::with_capacity(result.rows.len());
+        for row in &result.rows {
+            for (c, t) in s.columns.iter().zip(&s.types) {
+                if whole_row && c == crate::store::WHOLE_ROW_COLUMN {
+                    encode(&mut enc, t, c, Some(&Value::Object(row.clone())))?;
+                } else {
+                    encode(&mut enc, t, c, row.get(c))?;
+                }
+            }
+            rows.push(Ok(enc.take_row()));
+        }
+        Ok(Response::Query(QueryResponse::new(
+            fields,
+            stream::iter(rows),
+        )))
+    }
+
+    fn set<C: ClientInfo>(
+        &self,
+        client: &mut C,
+        name: &str,
+        value: Option<&str>,
+    ) -> PgWireResult<()> {
+        let invalid = |m: &str| {
+            PgWireError::from(SqlError::InvalidValue {
+                name: name.to_owned(),
+                message: m.to_owned(),
+            })
+        };
+        match (name, value) {
+            (SET_MIN_LSN | SET_MIN_LSN_TIMEOUT | SET_ALLOW_STALE, None) => {
+                client.metadata_mut().remove(name);
+            }
+            (SET_MIN_LSN, Some(v)) => {
+                v.parse::<Lsn>()
+                    .map_err(|e| invalid(&e.to_string()))?;
+                client.metadata_mut().insert(name.to_owned(), v.to_owned());
+            }
+            (SET_MIN_LSN_TIMEOUT, Some(v)) => {
+                parse_duration(v).ok_or_else(|| invalid("expected e.g. 500ms, 5s or 1min"))?;
+                client.metadata_mut().insert(name.to_owned(), v.to_owned());
+            }
+            (SET_ALLOW_STALE, Some(v)) => {
+                let v = v.to_ascii_lowercase();
+                if !matches!(v.as_str(), "on" | "off" | "true" | "false" | "1" | "0" | "yes" | "no") {
+                    return Err(invalid("expected on or off"));
+                }
+                client.metadata_mut().insert(name.to_owned(), v);
+            }
+            (other, _) if other.starts_with("cdc.") => {
+                return Err(user_error(
+                    "42704",
+                    format!("unrecognized configuration parameter {other:?} (cdc.min_lsn, cdc.min_lsn_timeout, cdc.allow_stale)"),
+                ))
+            }
+            // Client drivers set session parameters (extra_float_digits, application_name,
+            // DateStyle…); they do not change what a view returns.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn wait_min_lsn<C: ClientInfo>(&self, client: &C) -> PgWireResult<()> {
+        let Some(lsn) = client
+            .metadata()
+            .get(SET_MIN_LSN)
+            .and_then(|v| v.parse::<Lsn>().ok())
+        else {
+            return Ok(());
+        };
+        let timeout = client
+            .metadata()
+            .get(SET_MIN_LSN_TIMEOUT)
+            .and_then(|v| parse_duration(v))
+            .unwrap_or(self.default_min_lsn_timeout);
+        self.store
+            .wait_for_lsn(lsn, timeout)
+            .await
+            .map(|_| ())
+            .map_err(query_error)
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for QueryService {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let plans = sql::plan_all(query, &self.store)?;
+        let mut out = Vec::with_capacity(plans.len());
+        for plan in &plans {
+            match self.execute(client, plan, &[], &Format::UnifiedText).await {
+                Ok(r) => out.push(r),
+                // Like Postgres: an error ends the query string, earlier results stand.
+                Err(PgWireError::UserError(info)) => {
+                    out.push(Response::Error(info));
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn bind_params(portal: &Portal<Plan>) -> PgWireResult<Vec<Value>> {
+    let server_types = portal.statement.statement.param_types();
+    (0..portal.parameter_len())
+        .map(|i| {
+            let ty = portal
+                .statement
+                .parameter_types
+                .get(i)
+                .cloned()
+                .flatten()
+                .filter(|t| *t != Type::UNKNOWN)
+                .unwrap_or_else(|| pg_type(server_types.get(i).map_or("text", |s| s.as_str())));
+            let v = match ty {
+                Type::INT8 => portal.parameter::<i64>(i, &ty)?.map(Value::from),
+                Type::INT4 => portal.parameter::<i32>(i, &ty)?.map(Value::from),
+                Type::INT2 => portal.parameter::<i16>(i, &ty)?.map(Value::from),
+                Type::BOOL => portal.parameter::<bool>(i, &ty)?.map(Value::from),
+                Type::FLOAT8 => portal.parameter::<f64>(i, &ty)?.map(Value::from),
+                Type::FLOAT4 => portal.parameter::<f32>(i, &ty)?.map(Value::from),
+                Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
+                    portal.parameter::<String>(i, &ty)?.map(Value::from)
+                }
+                other => {
+                    return Err(user_error(
+                        "42804",
+                        format!("parameter ${} of type {other} is not supported; send int8, int4, int2, bool, float8 or text", i + 1),
+                    ))
+                }
+            };
+            Ok(v.unwrap_or(Value::Null))
+        })
+        .collect()
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for QueryService {
+    type Statement = Plan;
+    type QueryParser = PlanParser;
+
+    fn query_parser(&self) -> Arc<PlanParser> {
+        self.parser.clone()
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Plan>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let params = bind_params(portal)?;
+        self.execute(
+            client,
+            &portal.statement.statement,
+            &params,
+            &portal.result_column_format,
+        )
+        .await
+    }
+}
+
+/// Startup without authentication.
+#[derive(Debug)]
+pub struct OpenStartup;
+
+impl NoopStartupHandler for OpenStartup {}
+
+/// The configured password as an auth source (any user name).
+#[derive(Debug)]
+pub struct FixedPassword(String);
+
+#[async_trait]
+impl AuthSource for FixedPassword {
+    async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
+        let salt: [u8; 4] = rand_salt();
+        let user = login.user().unwrap_or("");
+        let hash = hash_md5_password(user, &self.0, &salt);
+        Ok(Password::new(Some(salt.to_vec()), hash.into_bytes()))
+    }
+}
+
+fn rand_salt() -> [u8; 4] {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (nanos ^ std::process::id().rotate_left(16)).to_le_bytes()
+}
+
+/// Startup: open, or an MD5 password exchange when `pgwire.password` is set.
+pub enum AgentStartup {
+    /// No authentication.
+    Open(OpenStartup),
+    /// MD5 password.
+    Password(Box<Md5PasswordAuthStartupHandler<FixedPassword, DefaultServerParameterProvider>>),
+}
+
+impl Debug for AgentStartup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AgentStartup::Open(_) => "AgentStartup::Open",
+            AgentStartup::Password(_) => "AgentStartup::Password",
+        })
+    }
+}
+
+#[async_trait]
+impl StartupHandler for AgentStartup {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match self {
+            AgentStartup::Open(h) => h.on_startup(client, message).await,
+            AgentStartup::Password(h) => h.on_startup(client, message).await,
+        }
+    }
+}
+
+/// The handler set of one server.
+#[derive(Debug)]
+pub struct Handlers {
+    service: Arc<QueryService>,
+    startup: Arc<AgentStartup>,
+}
+
+impl Handlers {
+    /// Handlers over `store` with the `[pgwire]` settings.
+    pub fn new(store: Arc<ViewStore>, cfg: &PgwireConfig) -> Handlers {
+        let startup = match &cfg.password {
+            Some(pw) => {
+                let mut params = DefaultServerParameterProvider::default();
+                params.server_version = SERVER_VERSION.to_owned();
+                AgentStartup::Password(Box::new(Md5PasswordAuthStartupHandler::new(
+                    Arc::new(FixedPassword(pw.clone())),
+                    Arc::new(params),
+                )))
+            }
+            None => AgentStartup::Open(OpenStartup),
+        };
+        Handlers {
+            service: Arc::new(QueryService::new(store, cfg)),
+            startup: Arc::new(startup),
+        }
+    }
+}
+
+/// `server_version` reported to clients.
+pub const SERVER_VERSION: &str = "15.0 (cdc view-agent)";
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.service.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.service.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        self.startup.clone()
+    }
+}
+
+/// Serves pgwire on `listener` until `shutdown` turns true. At most `max_connections` clients
+/// are served at once; the next ones wait in the accept queue (the bound protects the apply
+/// loop's share of the CPU).
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<ViewStore>,
+    cfg: PgwireConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let handlers = Arc::new(Handlers::new(store, &cfg));
+    let permits = Arc::new(Semaphore::new(cfg.max_connections));
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            // 1. Shutdown: stop accepting and drop open connections.
+            _ = crate::shutdown_requested(&mut shutdown) => break,
+            // 2. Reap finished connections so the set stays small.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            // 3. Accept, once a connection slot is free.
+            accepted = async {
+                let permit = permits.clone().acquire_owned().await;
+                (permit, listener.accept().await)
+            } => {
+                let (Ok(permit), accepted) = accepted else { break };
+                match accepted {
+                    Ok((socket, _)) => {
+                        let _ = socket.set_nodelay(true);
+                        let handlers = handlers.clone();
+                        connections.spawn(async move {
+                            if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                                tracing::debug!(error = %e, "pgwire connection ended");
+                            }
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    }
+    connections.abort_all();
+    // Wait for the aborted connections to drop their handles on the store.
+    while connections.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1min"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("soon"), None);
+    }
+}
