@@ -1,0 +1,181 @@
+//! The pgwire server with real clients: tokio-postgres (simple and extended protocol) and psql.
+
+mod common;
+
+use std::process::Command;
+
+use anyhow::Result;
+use common::*;
+use consumers::Agent;
+
+async fn agent_with_rows(
+    h: &Harness,
+    name: &str,
+    password: Option<&str>,
+) -> Result<(Agent, Source)> {
+    let mut cfg = h.agent_config(name, "127.0.0.1:0");
+    cfg.pgwire.password = password.map(str::to_owned);
+    let agent = Agent::start(cfg).await?;
+    let mut src = Source::new();
+    let tx = src.transaction(&[
+        Change::Upsert(7, 70, "Acme".into(), 1),
+        Change::Upsert(7, 71, "Beta".into(), 2),
+        Change::Upsert(8, 80, "Gamma".into(), 1),
+        Change::Upsert(9, 90, "Delta".into(), 1),
+    ]);
+    let last = publish_transaction(&h.js, &tx).await?;
+    testkit::until(WAIT, "applied", || async {
+        (agent.store().progress().applied_seq >= last).then_some(())
+    })
+    .await?;
+    Ok((agent, src))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_simple_and_extended() -> Result<()> {
+    let h = Harness::start().await?;
+    let (agent, _src) = agent_with_rows(&h, "pg", None).await?;
+    let pg = pg_connect(agent.pgwire_addr().expect("pgwire").port()).await?;
+
+    // Extended protocol with typed parameters.
+    let rows = pg
+        .query(
+            &format!("SELECT client_id, name, position FROM {VIEW} WHERE seller_id = $1"),
+            &[&7i64],
+        )
+        .await?;
+    let got: Vec<(i64, String, i32)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(got, vec![(70, "Acme".into(), 1), (71, "Beta".into(), 2)]);
+    // IN lists, LIMIT, SELECT *.
+    let rows = pg
+        .query(
+            &format!("SELECT * FROM {VIEW} WHERE seller_id IN ($1, $2) LIMIT 2"),
+            &[&8i64, &9i64],
+        )
+        .await?;
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].columns().len(), 4);
+    let rows = pg
+        .query(&format!("SELECT * FROM {VIEW} LIMIT 3"), &[])
+        .await?;
+    assert_eq!(rows.len(), 3);
+    // Simple protocol: text results.
+    let msgs = pg
+        .simple_query(&format!("SELECT name FROM {VIEW} WHERE seller_id = 7"))
+        .await?;
+    let names: Vec<String> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(names, vec!["Acme", "Beta"]);
+    // cdc_status.
+    let st = pg.query("SELECT * FROM cdc_status", &[]).await?;
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].get::<_, String>("view"), VIEW);
+    assert!(!st[0].get::<_, bool>("stale"));
+    assert!(st[0].get::<_, i64>("applied_seq") >= 1);
+    // SQLSTATEs.
+    for (sql, code) in [
+        ("SELECT * FROM nope", "42P01"),
+        ("INSERT INTO top_clients_by_seller VALUES (1)", "25006"),
+        ("UPDATE top_clients_by_seller SET name = 'x'", "25006"),
+        (
+            "SELECT * FROM top_clients_by_seller WHERE name = 'x'",
+            "0A000",
+        ),
+        ("SELECT nope FROM top_clients_by_seller", "42703"),
+        ("SELEKT 1", "42601"),
+        ("SET cdc.min_lsn = 'garbage'", "22023"),
+    ] {
+        let err = pg.simple_query(sql).await.expect_err(sql);
+        assert_eq!(err.code().map(|c| c.code()), Some(code), "{sql}: {err}");
+        let err = pg.query(sql, &[]).await.expect_err(sql);
+        assert_eq!(
+            err.code().map(|c| c.code()),
+            Some(code),
+            "{sql} (extended): {err}"
+        );
+    }
+    // The connection is still usable after errors; health check.
+    assert_eq!(pg.query_one("SELECT 1", &[]).await?.get::<_, i32>(0), 1);
+    agent.shutdown().await?;
+    Ok(())
+}
+
+fn psql(port: u16, sql: &str, password: Option<&str>) -> Result<std::process::Output> {
+    let mut cmd = Command::new(testkit::find_binary("psql")?);
+    cmd.args([
+        "-X",
+        "-At",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        "127.0.0.1",
+        "-p",
+    ])
+    .arg(port.to_string())
+    .args(["-U", "page", "-d", "views", "-c", sql]);
+    match password {
+        Some(p) => cmd.env("PGPASSWORD", p),
+        None => cmd.env_remove("PGPASSWORD"),
+    };
+    cmd.env("PGCONNECT_TIMEOUT", "5");
+    Ok(cmd.output()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_and_password_auth() -> Result<()> {
+    let h = Harness::start().await?;
+    let (agent, _src) = agent_with_rows(&h, "psql", Some("s3cret")).await?;
+    let port = agent.pgwire_addr().expect("pgwire").port();
+    let port2 = port;
+    let out = tokio::task::spawn_blocking(move || {
+        psql(
+            port2,
+            &format!("SELECT client_id, name FROM {VIEW} WHERE seller_id = 7"),
+            Some("s3cret"),
+        )
+    })
+    .await??;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "70|Acme\n71|Beta\n");
+    let out = tokio::task::spawn_blocking(move || {
+        psql(port, "SELECT view, stale FROM cdc_status", Some("s3cret"))
+    })
+    .await??;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{VIEW}|f\n"));
+    let out = tokio::task::spawn_blocking(move || psql(port, "SELECT 1", Some("wrong"))).await??;
+    assert!(!out.status.success(), "wrong password accepted");
+    // tokio-postgres with and without the password.
+    let bad = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=page dbname=views password=nope"),
+        tokio_postgres::NoTls,
+    )
+    .await;
+    assert!(bad.is_err());
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=page dbname=views password=s3cret"),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    assert_eq!(
+        client
+            .query(&format!("SELECT * FROM {VIEW}"), &[])
+            .await?
+            .len(),
+        4
+    );
+    agent.shutdown().await?;
+    Ok(())
+}
