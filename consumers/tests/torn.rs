@@ -41,8 +41,12 @@ async fn readers_never_see_half_a_transaction() -> Result<()> {
             let mut i = 0u64;
             let mut seller = 2;
             while !done.load(Ordering::Relaxed) {
-                let tx = if i % 2 == 0 {
-                    let (p10, p11) = if (i / 2) % 2 == 0 { (2, 1) } else { (1, 2) };
+                let tx = if i.is_multiple_of(2) {
+                    let (p10, p11) = if (i / 2).is_multiple_of(2) {
+                        (2, 1)
+                    } else {
+                        (1, 2)
+                    };
                     src.transaction(&[
                         Change::Upsert(1, 10, "a".into(), p10),
                         Change::Upsert(1, 11, "b".into(), p11),
@@ -77,7 +81,7 @@ async fn readers_never_see_half_a_transaction() -> Result<()> {
                 ))
                 .await?;
             for q in 0..QUERIES_PER_READER {
-                if (q + r) % 2 == 0 {
+                if (q + r).is_multiple_of(2) {
                     let rows = pg.query(&by_seller, &[&1i64]).await?;
                     let mut pos: Vec<i32> = rows.iter().map(|row| row.get(1)).collect();
                     pos.sort_unstable();
