@@ -159,6 +159,9 @@ pub struct View {
     pk_prefix: Vec<u8>,
     /// Columns of the stored row (key, primary key, projection) or `None` = whole row.
     stored: Option<Vec<String>>,
+    /// Positions of the key columns inside the primary key, when every key column is part of
+    /// it: then a row's sled key follows from its primary key and no `p…` index is kept.
+    key_in_pk: Option<Vec<usize>>,
 }
 
 impl View {
@@ -178,11 +181,17 @@ impl View {
             }
             all
         });
+        let key_in_pk = config
+            .key
+            .iter()
+            .map(|k| config.primary_key.iter().position(|p| p == k))
+            .collect::<Option<Vec<usize>>>();
         View {
             config,
             row_prefix,
             pk_prefix,
             stored,
+            key_in_pk,
         }
     }
 
@@ -221,6 +230,32 @@ impl View {
         let mut k = self.pk_prefix.clone();
         keys::encode_tuple(&mut k, pk.iter().copied());
         k
+    }
+
+    /// The sled key of the row with primary key `pk`, when it follows from the primary key.
+    fn derived_row_key(&self, pk: &[&Value]) -> Option<Vec<u8>> {
+        let pos = self.key_in_pk.as_ref()?;
+        let key: Vec<&Value> = pos.iter().map(|&i| pk[i]).collect();
+        Some(self.row_key(&key, pk))
+    }
+
+    /// The stored row with primary key `pk`: its sled key and value.
+    fn locate(
+        &self,
+        pending: &Pending<'_>,
+        pk: &[&Value],
+    ) -> Result<Option<KeyValue>, PendingError> {
+        let row_key = match &self.key_in_pk {
+            Some(pos) => {
+                let key: Vec<&Value> = pos.iter().map(|&i| pk[i]).collect();
+                self.row_key(&key, pk)
+            }
+            None => match pending.get(&self.pk_key(pk))? {
+                Some(rk) => rk,
+                None => return Ok(None),
+            },
+        };
+        Ok(pending.get(&row_key)?.map(|v| (row_key, v)))
     }
 
     fn row_key(&self, key: &[&Value], pk: &[&Value]) -> Vec<u8> {
@@ -304,6 +339,7 @@ impl ViewStore {
         let db = sled::Config::new()
             .path(path)
             .flush_every_ms(Some(200))
+            .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(sled_err)?;
         let tree = db.open_tree("views").map_err(sled_err)?;
@@ -807,11 +843,19 @@ fn apply_to_view(
                     )))
                 }
             };
-            let old_pk_key = view.pk_key(&old_pk);
-            let old_row_key = pending.get(&old_pk_key)?;
-            let old_row = match &old_row_key {
-                Some(rk) => pending.get(rk)?.map(|v| decode_row(&v)).transpose()?,
-                None => None,
+            // Where the row was, and its value when TOAST columns must be merged. A view whose
+            // key is part of the primary key knows where without reading (blind writes).
+            let need_old = !ev.unchanged_toast.is_empty();
+            let old: Option<(Vec<u8>, Option<Vec<u8>>)> = match view.derived_row_key(&old_pk) {
+                Some(rk) => {
+                    let v = if need_old { pending.get(&rk)? } else { None };
+                    Some((rk, v))
+                }
+                None => view.locate(pending, &old_pk)?.map(|(rk, v)| (rk, Some(v))),
+            };
+            let old_row = match old.as_ref().and_then(|(_, v)| v.as_ref()) {
+                Some(v) if need_old => Some(decode_row(v)?),
+                _ => None,
             };
             // Merge the new row: projection, unchanged TOAST columns from the stored row.
             let mut row = Row::new();
@@ -858,24 +902,25 @@ fn apply_to_view(
                 }
             };
             let row_key = view.row_key(&key, &pk);
-            let pk_key = view.pk_key(&pk);
+            let pk_moved = old_pk != pk;
+            let old_row_key = match old {
+                Some((rk, _)) => Some(rk),
+                // An insert or snapshot row may find its identity stored under another key.
+                None if pk_moved => view.locate(pending, &pk)?.map(|(rk, _)| rk),
+                None => None,
+            };
             if let Some(old_rk) = old_row_key {
                 if old_rk != row_key {
                     pending.del(old_rk);
                 }
-                if old_pk_key != pk_key {
-                    pending.del(old_pk_key);
-                }
-            } else if ev.op != Op::Update {
-                // An insert or snapshot row for an identity already stored under another key.
-                if let Some(rk) = pending.get(&pk_key)? {
-                    if rk != row_key {
-                        pending.del(rk);
-                    }
-                }
             }
             pending.put(row_key.clone(), encode_row(ev.source.commit_lsn, &row));
-            pending.put(pk_key, row_key);
+            if view.key_in_pk.is_none() {
+                if pk_moved {
+                    pending.del(view.pk_key(&old_pk));
+                }
+                pending.put(view.pk_key(&pk), row_key);
+            }
         }
         Op::Delete => {
             let Some(before) = &ev.before else {
@@ -893,10 +938,14 @@ fn apply_to_view(
                     )))
                 }
             };
-            let pk_key = view.pk_key(&pk);
-            if let Some(rk) = pending.get(&pk_key)? {
-                pending.del(rk);
-                pending.del(pk_key);
+            match view.derived_row_key(&pk) {
+                Some(rk) => pending.del(rk),
+                None => {
+                    if let Some((rk, _)) = view.locate(pending, &pk)? {
+                        pending.del(rk);
+                        pending.del(view.pk_key(&pk));
+                    }
+                }
             }
         }
         Op::Truncate => {

@@ -307,3 +307,52 @@ fn in_lists_read_at_one_point_and_limit() {
         Err(QueryError::UnknownView(_))
     ));
 }
+
+#[test]
+fn key_outside_the_primary_key_uses_the_identity_index() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = view_cfg();
+    cfg.name = "by_name".into();
+    cfg.key = vec!["name".into()];
+    let s = ViewStore::open_at(dir.path(), &[cfg]).expect("opens");
+    s.apply(&[tx(
+        1,
+        vec![ev(Op::Create, 10, None, Some(client(7, 70, "Acme", 1)))],
+    )])
+    .expect("apply");
+    // The name (the view key) changes without a key change at the source: the row moves.
+    let mut e = ev(
+        Op::Update,
+        20,
+        None,
+        Some(json!({"seller_id": 7, "client_id": 70, "position": 2})),
+    );
+    e.unchanged_toast = vec!["name".into()];
+    s.apply(&[tx(2, vec![e])]).expect("apply");
+    assert_eq!(
+        s.get("by_name", &[json!("Acme")]).expect("get")[0]["position"],
+        2
+    );
+    s.apply(&[tx(
+        3,
+        vec![ev(Op::Update, 30, None, Some(client(7, 70, "Zeta", 3)))],
+    )])
+    .expect("apply");
+    assert!(s.get("by_name", &[json!("Acme")]).expect("get").is_empty());
+    assert_eq!(s.get("by_name", &[json!("Zeta")]).expect("get").len(), 1);
+    s.apply(&[tx(
+        4,
+        vec![ev(
+            Op::Delete,
+            40,
+            Some(json!({"seller_id": 7, "client_id": 70})),
+            None,
+        )],
+    )])
+    .expect("apply");
+    assert!(s.scan("by_name", 10, false).expect("scan").rows.is_empty());
+    assert!(
+        s.tree.scan_prefix(b"p").next().is_none(),
+        "identity index cleaned up"
+    );
+}
