@@ -32,6 +32,9 @@ use crate::setup::{self, SetupError, SlotState};
 use crate::subject;
 use crate::wal::ReplicationMessage;
 
+/// How long a fresh process waits for a slot held by another walsender (e.g. the session of a
+/// predecessor that was just killed) before giving up.
+const SLOT_BUSY_GRACE: Duration = Duration::from_secs(10);
 /// Longest wait between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long shutdown waits for in-flight PubAcks.
@@ -63,6 +66,15 @@ pub enum ReaderError {
 }
 
 impl ReaderError {
+    /// True when the slot is held by another walsender.
+    pub fn slot_busy(&self) -> bool {
+        match self {
+            ReaderError::Setup(SetupError::SlotActive { .. }) => true,
+            ReaderError::Replication(e) => e.code() == Some("55006"),
+            _ => false,
+        }
+    }
+
     /// True when retrying can't help: the operator must fix something. `first` is true when
     /// the reader has not streamed yet in this process (then an unreachable Postgres is fatal
     /// too: the configuration is probably wrong).
@@ -91,12 +103,20 @@ pub async fn run(cfg: CdcConfig, mut shutdown: watch::Receiver<bool>) -> Result<
     let target = PgTarget::parse(&cfg.postgres.url)?;
     let mut backoff = Duration::from_millis(100);
     let mut streamed_before = false;
+    let started = Instant::now();
     loop {
         let mut streamed = false;
         let result = run_once(&cfg, &target, &mut shutdown, &mut streamed).await;
         streamed_before |= streamed;
         match result {
             Ok(()) => return Ok(()),
+            Err(e) if e.slot_busy() && started.elapsed() < SLOT_BUSY_GRACE => {
+                tracing::info!(error = %e, "slot busy; waiting for its previous holder to go away");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                }
+            }
             Err(e) if e.is_fatal(!streamed_before) => return Err(e),
             Err(e) => {
                 if streamed {
@@ -167,14 +187,21 @@ struct Pipeline<'a> {
     in_flight: FuturesOrdered<AckFuture>,
     /// Highest LSN whose every change has its PubAck.
     confirmed: Lsn,
+    /// What the next status update confirms: `confirmed` as of the previous update. Lagging
+    /// one interval means every LSN confirmed to Postgres was acknowledged by NATS at least one
+    /// status interval earlier, time enough for the server to have written it out, so a NATS
+    /// crash that loses its newest acknowledged messages still finds them in the slot.
+    confirm_next: Lsn,
     /// Last LSN sent to Postgres.
     reported: Lsn,
     /// Highest keepalive position seen outside a transaction.
     safe: Lsn,
     /// Highest safe LSN pushed into the window as a marker.
     marked: Lsn,
-    /// LSN of the last heartbeat published.
+    /// LSN of the last heartbeat published (initially the resume point's LSN).
     heartbeat_lsn: Lsn,
+    /// True once `heartbeat_lsn` may be published again as it is (it is a safe LSN).
+    heartbeat_repeatable: bool,
     heartbeat_at: Instant,
     /// Replication messages since the idle timer last fired.
     activity: u64,
@@ -191,9 +218,14 @@ impl<'a> Pipeline<'a> {
         resume: ResumePoint,
         db: String,
     ) -> Self {
-        let heartbeat_lsn = match &resume {
-            ResumePoint::Heartbeat { lsn, .. } => *lsn,
-            _ => Lsn::ZERO,
+        // A heartbeat must never claim less than the stream already holds: the next start
+        // resumes from the last message, and a low heartbeat there would make it re-publish
+        // what lies between. So the first heartbeat of this attempt waits for a safe LSN past
+        // the resume point (strictly past a commit LSN: that transaction may be partial).
+        let (heartbeat_lsn, heartbeat_repeatable) = match &resume {
+            ResumePoint::Heartbeat { lsn, .. } => (*lsn, true),
+            ResumePoint::Event { commit_lsn, .. } => (*commit_lsn, false),
+            ResumePoint::Empty => (Lsn::ZERO, false),
         };
         Pipeline {
             cfg,
@@ -203,10 +235,12 @@ impl<'a> Pipeline<'a> {
             resume,
             in_flight: FuturesOrdered::new(),
             confirmed: Lsn::ZERO,
+            confirm_next: Lsn::ZERO,
             reported: Lsn::ZERO,
             safe: Lsn::ZERO,
             marked: Lsn::ZERO,
             heartbeat_lsn,
+            heartbeat_repeatable,
             heartbeat_at: Instant::now(),
             activity: 0,
             outputs: Vec::with_capacity(8),
@@ -247,8 +281,9 @@ impl<'a> Pipeline<'a> {
                 }
                 // 3. Standby status update.
                 _ = status_timer.tick() => {
-                    stream.send_status(self.confirmed, false).await?;
-                    self.reported = self.confirmed;
+                    stream.send_status(self.confirm_next, false).await?;
+                    self.reported = self.confirm_next;
+                    self.confirm_next = self.confirmed;
                 }
                 // 4. Heartbeat.
                 _ = heartbeat_timer.tick() => {
@@ -328,8 +363,7 @@ impl<'a> Pipeline<'a> {
                     self.maybe_heartbeat().await?;
                 }
                 if reply_requested {
-                    stream.send_status(self.confirmed, false).await?;
-                    self.reported = self.confirmed;
+                    stream.send_status(self.reported, false).await?;
                 }
             }
         }
@@ -397,13 +431,15 @@ impl<'a> Pipeline<'a> {
         let since = self.heartbeat_at.elapsed();
         let moved = self.safe > self.heartbeat_lsn
             && since >= Duration::from_millis(tuning.heartbeat_min_interval_ms);
-        let due = since >= Duration::from_millis(tuning.heartbeat_interval_ms);
-        if !(moved || due) || self.safe == Lsn::ZERO {
+        let due = self.heartbeat_repeatable
+            && since >= Duration::from_millis(tuning.heartbeat_interval_ms);
+        if !(moved || due) {
             return Ok(());
         }
         let lsn = self.safe.max(self.heartbeat_lsn);
         let ack = self.sink.publish_heartbeat(lsn).await?;
         self.heartbeat_lsn = lsn;
+        self.heartbeat_repeatable = true;
         self.heartbeat_at = Instant::now();
         self.in_flight.push_back(
             async move {

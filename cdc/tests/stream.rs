@@ -108,3 +108,114 @@ async fn changes_reach_the_stream_once_in_commit_order() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn toast_identity_full_and_schema_changes() -> anyhow::Result<()> {
+    let env = Env::start(
+        "CREATE TABLE docs (id int PRIMARY KEY, title text, body text);
+         CREATE TABLE audit (id int PRIMARY KEY, note text);
+         ALTER TABLE audit REPLICA IDENTITY FULL;",
+        &["public.docs", "public.audit"],
+    )
+    .await?;
+    let _reader = env.start_reader().await?;
+    let sql = env.sql().await?;
+    // 1 MB of text that does not compress: TOASTed out of line.
+    let body: String = (0..1_000_000u32)
+        .map(|i| char::from(b'a' + ((i.wrapping_mul(2_654_435_761) >> 13) % 26) as u8))
+        .collect();
+    sql.execute("INSERT INTO docs VALUES (1, 't', $1)", &[&body])
+        .await?;
+    sql.batch_execute(
+        "UPDATE docs SET title = 't2' WHERE id = 1;
+         INSERT INTO audit VALUES (1, 'a');",
+    )
+    .await?;
+    sql.batch_execute("UPDATE audit SET note = 'b' WHERE id = 1")
+        .await?;
+    sql.batch_execute("ALTER TABLE audit ADD COLUMN extra int DEFAULT 7")
+        .await?;
+    sql.batch_execute("INSERT INTO audit (id, note) VALUES (2, 'c')")
+        .await?;
+    sql.batch_execute("ALTER TABLE audit DROP COLUMN note")
+        .await?;
+    sql.batch_execute("ALTER TABLE audit ALTER COLUMN extra TYPE text")
+        .await?;
+    sql.batch_execute("INSERT INTO audit VALUES (3, 'x')")
+        .await?;
+    let got = env.wait_for_events(6, WAIT).await?;
+    // The TOASTed column is not re-sent on an update of another column.
+    let upd = &got[1].event;
+    assert_eq!(upd.op, Op::Update);
+    assert_eq!(upd.unchanged_toast, vec!["body".to_string()]);
+    assert!(!upd.after.as_ref().expect("after").contains_key("body"));
+    assert_eq!(upd.after.as_ref().expect("after")["title"], json!("t2"));
+    assert_eq!(
+        got[0].event.after.as_ref().expect("after")["body"],
+        json!(body)
+    );
+    // REPLICA IDENTITY FULL: the whole old row.
+    let full = &got[3].event;
+    assert_eq!(full.source.table, "audit");
+    assert_eq!(
+        full.before,
+        json!({"id": 1, "note": "a"}).as_object().cloned()
+    );
+    // Later events carry the new shapes.
+    assert_eq!(
+        got[4].event.after,
+        json!({"id": 2, "note": "c", "extra": 7})
+            .as_object()
+            .cloned()
+    );
+    assert_eq!(
+        got[5].event.after,
+        json!({"id": 3, "extra": "x"}).as_object().cloned()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_go_through_the_object_store() -> anyhow::Result<()> {
+    // The test server keeps NATS' default max_payload of 1 MB.
+    let env = Env::start(
+        "CREATE TABLE blobs (id int PRIMARY KEY, v text)",
+        &["public.blobs"],
+    )
+    .await?;
+    let _reader = env.start_reader().await?;
+    let big = "x".repeat(3 * 1024 * 1024);
+    let sql = env.sql().await?;
+    sql.execute("INSERT INTO blobs VALUES (1, $1)", &[&big])
+        .await?;
+    sql.execute("INSERT INTO blobs VALUES (2, 'small')", &[])
+        .await?;
+    let got = env.wait_for_events(2, WAIT).await?;
+    assert!(got[0].headers.contains_key("Cdc-Large-Ref"));
+    assert_eq!(got[0].event.after.as_ref().expect("after")["v"], json!(big));
+    assert!(!got[1].headers.contains_key("Cdc-Large-Ref"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_need_escaping_map_to_one_subject() -> anyhow::Result<()> {
+    let env = Env::start(
+        "CREATE SCHEMA \"my.schema\";
+         CREATE TABLE \"my.schema\".\"Grüße Tab\" (id int PRIMARY KEY);",
+        &["\"my.schema\".\"Grüße Tab\""],
+    )
+    .await?;
+    let _reader = env.start_reader().await?;
+    env.sql()
+        .await?
+        .batch_execute("INSERT INTO \"my.schema\".\"Grüße Tab\" VALUES (1)")
+        .await?;
+    let got = env.wait_for_events(1, WAIT).await?;
+    assert_eq!(got[0].subject, "cdc.my%2Eschema.Gr%C3%BC%C3%9Fe%20Tab");
+    assert_eq!(
+        cdc::subject::parse_table_subject("cdc", &got[0].subject),
+        Some(("my.schema".to_string(), "Grüße Tab".to_string()))
+    );
+    assert_eq!(got[0].headers["Cdc-Table"], "my.schema.Grüße Tab");
+    Ok(())
+}
