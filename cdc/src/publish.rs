@@ -177,19 +177,12 @@ impl StreamSink {
         match js.get_stream(&cfg.stream).await {
             Ok(mut s) => {
                 let info = s.info().await.map_err(|e| stream_err(e.to_string()))?;
-                let mut config = info.config.clone();
+                let config = &info.config;
                 if !config.subjects.iter().any(|x| x == &wanted_subject) {
                     return Err(stream_err(format!(
                         "exists with subjects {:?}, not {wanted_subject:?}: use another nats.stream or nats.subject_prefix",
                         config.subjects
                     )));
-                }
-                if !config.allow_rollup {
-                    // Heartbeats roll up (only the newest is kept).
-                    config.allow_rollup = true;
-                    js.update_stream(config)
-                        .await
-                        .map_err(|e| stream_err(format!("enabling rollup headers: {e}")))?;
                 }
             }
             Err(_) => {
@@ -201,7 +194,6 @@ impl StreamSink {
                     max_messages: cfg.max_msgs,
                     duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
                     num_replicas: cfg.replicas,
-                    allow_rollup: true,
                     storage: stream::StorageType::File,
                     ..Default::default()
                 };
@@ -316,7 +308,8 @@ impl StreamSink {
         Ok(fut)
     }
 
-    /// Publishes a heartbeat for `lsn` (rolling up older heartbeats).
+    /// Publishes a heartbeat for `lsn`. (Not with `Nats-Rollup`: on nats-server 2.9 a rollup
+    /// makes active ordered consumers skip stored messages; stream retention bounds them.)
     pub async fn publish_heartbeat(&mut self, lsn: Lsn) -> Result<PublishAckFuture, PublishError> {
         self.heartbeat_seq += 1;
         let body = serde_json::to_vec(&Heartbeat { lsn }).unwrap_or_default();
@@ -327,7 +320,7 @@ impl StreamSink {
                 crate::events::now_ms(),
                 self.heartbeat_seq
             ),
-            headers: vec![("Nats-Rollup", "sub".to_string())],
+            headers: Vec::new(),
             body: Bytes::from(body),
         };
         self.publish(msg).await

@@ -7,7 +7,8 @@
 //! 3. the status-update timer: tells Postgres the confirmable LSN;
 //! 4. the heartbeat timer: publishes `<prefix>._heartbeat` when the safe LSN moved;
 //! 5. the idle timer: `pg_logical_emit_message` so the slot can move on an idle database;
-//! 6. the next replication message, only while the publish window has room (backpressure).
+//! 6. the progress log;
+//! 7. the next replication message, only while the publish window has room (backpressure).
 //!
 //! Any failure ends the attempt without confirming anything more; the outer loop reconnects
 //! with backoff and resumes from the slot, skipping what the stream already holds.
@@ -35,6 +36,8 @@ use crate::wal::ReplicationMessage;
 /// How long a fresh process waits for a slot held by another walsender (e.g. the session of a
 /// predecessor that was just killed) before giving up.
 const SLOT_BUSY_GRACE: Duration = Duration::from_secs(10);
+/// How often the loop logs its progress (debug level).
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest wait between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long shutdown waits for in-flight PubAcks.
@@ -266,6 +269,7 @@ impl<'a> Pipeline<'a> {
         let mut idle_timer =
             tokio::time::interval_at(tokio::time::Instant::now() + idle_every, idle_every);
         let idle_enabled = tuning.idle_message_interval_secs > 0;
+        let mut progress_timer = tokio::time::interval(PROGRESS_INTERVAL);
         loop {
             tokio::select! {
                 biased;
@@ -304,7 +308,21 @@ impl<'a> Pipeline<'a> {
                     }
                     self.activity = 0;
                 }
-                // 6. The next replication message, while the window has room.
+                // 6. Progress, for operators and for diagnosing stalls.
+                _ = progress_timer.tick() => {
+                    tracing::debug!(
+                        published = self.published,
+                        skipped = self.skipped,
+                        in_flight = self.in_flight.len(),
+                        confirmed = %self.confirmed,
+                        reported = %self.reported,
+                        safe = %self.safe,
+                        heartbeat = %self.heartbeat_lsn,
+                        in_transaction = self.builder.in_transaction(),
+                        "progress"
+                    );
+                }
+                // 7. The next replication message, while the window has room.
                 msg = stream.next_message(), if self.in_flight.len() < window => {
                     match msg? {
                         Some(m) => {

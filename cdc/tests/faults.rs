@@ -97,7 +97,6 @@ fn check_exactly_once(got: &[Received], expected: &[Expected]) -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails today: after some restarts the reader stops making progress (issue 2 stays open; run with --ignored)"]
 async fn reader_killed_20_times_loses_and_duplicates_nothing() -> Result<()> {
     const TRANSACTIONS: i64 = 20_000;
     const KILLS: usize = 20;
@@ -128,7 +127,6 @@ async fn reader_killed_20_times_loses_and_duplicates_nothing() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails today: after some restarts the reader stops making progress (issue 2 stays open; run with --ignored)"]
 async fn nats_and_postgres_restarts_lose_and_duplicate_nothing() -> Result<()> {
     let mut env = Env::start(SCHEMA, &["public.w"]).await?;
     let mut reader = env.start_reader().await?;
