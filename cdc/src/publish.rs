@@ -10,8 +10,10 @@
 use std::time::Duration;
 
 use async_nats::header::HeaderMap;
-use async_nats::jetstream::{self, context::PublishAckFuture, stream};
+use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
 
 use crate::config::NatsConfig;
 use crate::envelope::{
@@ -144,7 +146,15 @@ pub struct StreamSink {
     large: Option<jetstream::object_store::ObjectStore>,
     last_msg_id: Option<String>,
     heartbeat_seq: u64,
+    /// PubAcks come back on `<inbox>.<ticket>`, one subscription for all publishes: no
+    /// per-message inbox, channel or timer.
+    inbox: String,
+    acks: async_nats::Subscriber,
+    next_ticket: u64,
 }
+
+/// A publish whose PubAck is outstanding, identified by the order it was sent in.
+pub type Ticket = u64;
 
 impl StreamSink {
     /// Connects (no retry; the caller backs off) and makes sure the stream exists.
@@ -203,7 +213,19 @@ impl StreamSink {
                 tracing::info!(stream = %cfg.stream, "created JetStream stream");
             }
         }
+        let inbox = client.new_inbox();
+        let acks =
+            client
+                .subscribe(format!("{inbox}.*"))
+                .await
+                .map_err(|e| PublishError::Connect {
+                    url: shown_url.clone(),
+                    message: format!("subscribing for PubAcks: {e}"),
+                })?;
         Ok(StreamSink {
+            inbox,
+            acks,
+            next_ticket: 0,
             client,
             js,
             stream_name: cfg.stream.clone(),
@@ -279,8 +301,9 @@ impl StreamSink {
         Ok(point)
     }
 
-    /// Publishes one message in order; the returned future resolves on its PubAck.
-    pub async fn publish(&mut self, msg: Outgoing) -> Result<PublishAckFuture, PublishError> {
+    /// Publishes one message in order; its PubAck arrives later through [`StreamSink::next_ack`]
+    /// with the returned ticket.
+    pub async fn publish(&mut self, msg: Outgoing) -> Result<Ticket, PublishError> {
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_MSG_ID, msg.msg_id.as_str());
         if let Some(prev) = &self.last_msg_id {
@@ -296,21 +319,62 @@ impl StreamSink {
             headers.insert(HEADER_LARGE_REF, msg.msg_id.as_str());
             body = Bytes::new();
         }
-        let fut = self
-            .js
-            .publish_with_headers(msg.subject.clone(), headers, body)
+        let ticket = self.next_ticket;
+        let reply = format!("{}.{ticket}", self.inbox);
+        self.client
+            .publish_with_reply_and_headers(msg.subject.clone(), reply, headers, body)
             .await
             .map_err(|e| PublishError::Publish {
                 subject: msg.subject,
                 message: e.to_string(),
             })?;
+        self.next_ticket += 1;
         self.last_msg_id = Some(msg.msg_id);
-        Ok(fut)
+        Ok(ticket)
+    }
+
+    /// The next PubAck: the ticket it answers, or the server's refusal. Cancel-safe.
+    pub async fn next_ack(&mut self) -> Result<Ticket, PublishError> {
+        let msg = self
+            .acks
+            .next()
+            .await
+            .ok_or_else(|| PublishError::Publish {
+                subject: self.stream_name.clone(),
+                message: "the PubAck subscription ended (connection closed)".into(),
+            })?;
+        let ticket = msg
+            .subject
+            .as_str()
+            .rsplit('.')
+            .next()
+            .and_then(|t| t.parse::<Ticket>().ok())
+            .ok_or_else(|| PublishError::Publish {
+                subject: self.stream_name.clone(),
+                message: format!("PubAck on an unexpected subject {}", msg.subject),
+            })?;
+        if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            return Err(PublishError::Stream {
+                stream: self.stream_name.clone(),
+                message: "no stream answers its subjects (deleted while running?)".into(),
+            });
+        }
+        match serde_json::from_slice::<AckBody>(&msg.payload) {
+            Ok(AckBody { error: None, .. }) => Ok(ticket),
+            Ok(AckBody { error: Some(e), .. }) => Err(PublishError::Publish {
+                subject: self.stream_name.clone(),
+                message: format!("refused: {} (code {})", e.description, e.err_code),
+            }),
+            Err(e) => Err(PublishError::Publish {
+                subject: self.stream_name.clone(),
+                message: format!("unreadable PubAck: {e}"),
+            }),
+        }
     }
 
     /// Publishes a heartbeat for `lsn`. (Not with `Nats-Rollup`: on nats-server 2.9 a rollup
     /// makes active ordered consumers skip stored messages; stream retention bounds them.)
-    pub async fn publish_heartbeat(&mut self, lsn: Lsn) -> Result<PublishAckFuture, PublishError> {
+    pub async fn publish_heartbeat(&mut self, lsn: Lsn) -> Result<Ticket, PublishError> {
         self.heartbeat_seq += 1;
         let body = serde_json::to_vec(&Heartbeat { lsn }).unwrap_or_default();
         let msg = Outgoing {
@@ -363,6 +427,20 @@ impl StreamSink {
             .map_err(|e| err(e.to_string()))?;
         Ok(())
     }
+}
+
+#[derive(Deserialize)]
+struct AckBody {
+    #[serde(default)]
+    error: Option<AckError>,
+}
+
+#[derive(Deserialize)]
+struct AckError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
 }
 
 /// Headers of a change event.

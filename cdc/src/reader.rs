@@ -16,9 +16,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
-use futures::stream::FuturesOrdered;
-use futures::{FutureExt, StreamExt};
+use std::collections::VecDeque;
+
 use tokio::sync::watch;
 
 use crate::config::CdcConfig;
@@ -27,7 +26,7 @@ use crate::events::{ChangeBuilder, Output, UnknownRelation};
 use crate::lsn::Lsn;
 use crate::pgconn::{PgConnError, PgTarget};
 use crate::pgoutput::{self, LogicalMessage};
-use crate::publish::{event_headers, Outgoing, PublishError, ResumePoint, StreamSink};
+use crate::publish::{event_headers, Outgoing, PublishError, ResumePoint, StreamSink, Ticket};
 use crate::replication::{ReplicationError, ReplicationSession, ReplicationStream};
 use crate::setup::{self, SetupError, SlotState};
 use crate::subject;
@@ -178,7 +177,14 @@ async fn run_once(
     pipeline.run(stream, shutdown).await
 }
 
-type AckFuture = BoxFuture<'static, Result<Option<Lsn>, PublishError>>;
+/// One entry of the publish window, in publish order: a publish awaiting its PubAck, or a
+/// marker (an LSN that becomes confirmable once everything before it is acknowledged).
+struct InFlight {
+    ticket: Option<Ticket>,
+    confirm: Option<Lsn>,
+    acked: bool,
+    sent_at: Instant,
+}
 
 /// The streaming state of one attempt.
 struct Pipeline<'a> {
@@ -187,7 +193,7 @@ struct Pipeline<'a> {
     sql: Arc<tokio_postgres::Client>,
     builder: ChangeBuilder,
     resume: ResumePoint,
-    in_flight: FuturesOrdered<AckFuture>,
+    in_flight: VecDeque<InFlight>,
     /// Highest LSN whose every change has its PubAck.
     confirmed: Lsn,
     /// What the next status update confirms: `confirmed` as of the previous update. Lagging
@@ -236,7 +242,7 @@ impl<'a> Pipeline<'a> {
             sql,
             builder: ChangeBuilder::new(db),
             resume,
-            in_flight: FuturesOrdered::new(),
+            in_flight: VecDeque::with_capacity(cfg.nats.max_in_flight),
             confirmed: Lsn::ZERO,
             confirm_next: Lsn::ZERO,
             reported: Lsn::ZERO,
@@ -277,14 +283,13 @@ impl<'a> Pipeline<'a> {
                 _ = shutdown.wait_for(|s| *s) => {
                     return self.drain_and_finish(stream).await;
                 }
-                // 2. PubAcks, in publish order.
-                Some(acked) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    if let Some(lsn) = acked? {
-                        self.confirmed = self.confirmed.max(lsn);
-                    }
+                // 2. PubAcks.
+                ack = self.sink.next_ack(), if !self.in_flight.is_empty() => {
+                    self.on_ack(ack?);
                 }
-                // 3. Standby status update.
+                // 3. Standby status update (and the PubAck deadline).
                 _ = status_timer.tick() => {
+                    self.check_ack_deadline()?;
                     stream.send_status(self.confirm_next, false).await?;
                     self.reported = self.confirm_next;
                     self.confirm_next = self.confirmed;
@@ -375,8 +380,7 @@ impl<'a> Pipeline<'a> {
                     self.safe = wal_end;
                     if wal_end > self.marked {
                         self.marked = wal_end;
-                        self.in_flight
-                            .push_back(futures::future::ready(Ok(Some(wal_end))).boxed());
+                        self.push_marker(wal_end);
                     }
                     self.maybe_heartbeat().await?;
                 }
@@ -391,10 +395,7 @@ impl<'a> Pipeline<'a> {
     async fn on_output(&mut self, out: Output) -> Result<(), ReaderError> {
         match out {
             Output::Event(ev) => self.publish_event(*ev).await?,
-            Output::TxEnd { end_lsn, .. } => {
-                self.in_flight
-                    .push_back(futures::future::ready(Ok(Some(end_lsn))).boxed());
-            }
+            Output::TxEnd { end_lsn, .. } => self.push_marker(end_lsn),
             Output::Message(m) => {
                 if !m.prefix.starts_with(MESSAGE_PREFIX) {
                     tracing::trace!(prefix = %m.prefix, "ignoring logical message");
@@ -424,18 +425,9 @@ impl<'a> Pipeline<'a> {
             headers: event_headers(ev.op.code(), ev.table_name(), ev.source.commit_lsn),
             body: body.into(),
         };
-        let subject = msg.subject.clone();
-        let ack = self.sink.publish(msg).await?;
+        let ticket = self.sink.publish(msg).await?;
         self.published += 1;
-        self.in_flight.push_back(
-            async move {
-                ack.await.map(|_| None).map_err(|e| PublishError::Publish {
-                    subject,
-                    message: e.to_string(),
-                })
-            }
-            .boxed(),
-        );
+        self.push_publish(ticket, None);
         Ok(())
     }
 
@@ -455,35 +447,76 @@ impl<'a> Pipeline<'a> {
             return Ok(());
         }
         let lsn = self.safe.max(self.heartbeat_lsn);
-        let ack = self.sink.publish_heartbeat(lsn).await?;
+        let ticket = self.sink.publish_heartbeat(lsn).await?;
         self.heartbeat_lsn = lsn;
         self.heartbeat_repeatable = true;
         self.heartbeat_at = Instant::now();
-        self.in_flight.push_back(
-            async move {
-                ack.await
-                    .map(|_| Some(lsn))
-                    .map_err(|e| PublishError::Publish {
-                        subject: "heartbeat".into(),
-                        message: e.to_string(),
-                    })
-            }
-            .boxed(),
-        );
+        self.push_publish(ticket, Some(lsn));
         Ok(())
+    }
+
+    fn push_publish(&mut self, ticket: Ticket, confirm: Option<Lsn>) {
+        self.in_flight.push_back(InFlight {
+            ticket: Some(ticket),
+            confirm,
+            acked: false,
+            sent_at: Instant::now(),
+        });
+    }
+
+    fn push_marker(&mut self, lsn: Lsn) {
+        self.in_flight.push_back(InFlight {
+            ticket: None,
+            confirm: Some(lsn),
+            acked: true,
+            sent_at: Instant::now(),
+        });
+        self.pop_acked();
+    }
+
+    /// Marks `ticket` acknowledged and moves past every acknowledged entry at the front.
+    fn on_ack(&mut self, ticket: Ticket) {
+        // Acks come in publish order, so the entry is at or near the front.
+        match self.in_flight.iter_mut().find(|e| e.ticket == Some(ticket)) {
+            Some(entry) => entry.acked = true,
+            None => tracing::debug!(ticket, "PubAck for a publish no longer in the window"),
+        }
+        self.pop_acked();
+    }
+
+    fn pop_acked(&mut self) {
+        while self.in_flight.front().is_some_and(|e| e.acked) {
+            if let Some(InFlight {
+                confirm: Some(lsn), ..
+            }) = self.in_flight.pop_front()
+            {
+                self.confirmed = self.confirmed.max(lsn);
+            }
+        }
+    }
+
+    /// Fails the attempt when the oldest publish has waited longer than the PubAck timeout.
+    fn check_ack_deadline(&self) -> Result<(), ReaderError> {
+        let timeout = self.cfg.ack_timeout();
+        match self.in_flight.iter().find(|e| !e.acked) {
+            Some(oldest) if oldest.sent_at.elapsed() > timeout => Err(PublishError::Publish {
+                subject: self.cfg.nats.stream.clone(),
+                message: format!("no PubAck within {timeout:?} (NATS unreachable or overloaded)"),
+            }
+            .into()),
+            _ => Ok(()),
+        }
     }
 
     async fn drain_and_finish(mut self, stream: ReplicationStream) -> Result<(), ReaderError> {
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         while !self.in_flight.is_empty() {
-            match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
-                Ok(Some(Ok(Some(lsn)))) => self.confirmed = self.confirmed.max(lsn),
-                Ok(Some(Ok(None))) => {}
-                Ok(Some(Err(e))) => {
+            match tokio::time::timeout_at(deadline, self.sink.next_ack()).await {
+                Ok(Ok(ticket)) => self.on_ack(ticket),
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "publish failed while draining; the rest will be re-sent on restart");
                     break;
                 }
-                Ok(None) => break,
                 Err(_) => {
                     tracing::warn!(
                         "PubAcks still missing at shutdown; the rest will be re-sent on restart"
