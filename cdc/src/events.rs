@@ -1,27 +1,47 @@
-//! Layer 2 of decoding: pgoutput messages plus cached relation schemas → change events.
+//! Layer 2 of decoding: pgoutput messages plus cached relation schemas → change events, encoded
+//! straight into the envelope's JSON (see [`crate::envelope::ChangeEvent`] for its shape).
 //!
-//! The builder holds back one event so that it can set `transaction.last` on the final event
-//! of a transaction when the Commit arrives: memory stays at one event, whatever the size of
-//! the transaction.
+//! Each event is encoded as it arrives except for its tail (`"last":…},"ts_ms":…}`): the builder
+//! holds the one latest event back until it knows whether the transaction ends with it, so
+//! memory stays at one event whatever the size of the transaction.
 
 use std::collections::HashMap;
+use std::io::Write as _;
+use std::sync::Arc;
 
 use base64::Engine;
-use serde_json::Value;
 
-use crate::envelope::{ChangeEvent, Op, Row, Source, TransactionInfo};
+use crate::envelope::Op;
 use crate::lsn::Lsn;
 use crate::pgoutput::{
-    Column, LogicalDecodingMessage, LogicalMessage, OldTuple, Relation, RelationId, TupleData,
-    TupleValue,
+    LogicalDecodingMessage, LogicalMessage, OldTuple, OldTupleKind, Relation, RelationId,
+    TupleData, TupleValue,
 };
-use crate::value::TypeRegistry;
+use crate::subject;
+use crate::value::{write_json_str, TypeRegistry};
+
+/// One change event, encoded.
+#[derive(Debug, Clone)]
+pub struct EncodedEvent {
+    /// What happened.
+    pub op: Op,
+    /// The table's subject.
+    pub subject: async_nats::Subject,
+    /// `schema.table`.
+    pub table: Arc<str>,
+    /// Commit LSN of the source transaction.
+    pub commit_lsn: Lsn,
+    /// `transaction.total_order`: 1-based position in the transaction.
+    pub ordinal: u64,
+    /// The envelope JSON.
+    pub body: Vec<u8>,
+}
 
 /// What the reader must do after feeding a message to the [`ChangeBuilder`].
 #[derive(Debug)]
 pub enum Output {
     /// Publish this event.
-    Event(Box<ChangeEvent>),
+    Event(EncodedEvent),
     /// The transaction whose commit record starts at `commit_lsn` is complete; once every
     /// event before this point is acknowledged, `end_lsn` may be confirmed to Postgres.
     TxEnd {
@@ -41,6 +61,17 @@ pub enum Output {
 #[error("change for relation {0} arrived before its Relation message: the stream is out of protocol; restart the reader")]
 pub struct UnknownRelation(pub u32);
 
+/// A relation with the pieces of its events that never change, pre-encoded.
+struct CachedRelation {
+    rel: Relation,
+    subject: async_nats::Subject,
+    table: Arc<str>,
+    /// `"db":…,"schema":…,"table":…,`
+    source_names: Vec<u8>,
+    /// `"col":` for each column.
+    column_keys: Vec<Vec<u8>>,
+}
+
 struct Tx {
     xid: u32,
     commit_lsn: Lsn,
@@ -49,20 +80,22 @@ struct Tx {
     per_table: HashMap<RelationId, u64>,
 }
 
-/// Turns pgoutput messages into [`ChangeEvent`]s.
+/// Turns pgoutput messages into encoded change events.
 pub struct ChangeBuilder {
     db: String,
-    relations: HashMap<RelationId, Relation>,
+    prefix: String,
+    relations: HashMap<RelationId, CachedRelation>,
     types: TypeRegistry,
     tx: Option<Tx>,
-    pending: Option<ChangeEvent>,
+    pending: Option<EncodedEvent>,
 }
 
 impl ChangeBuilder {
-    /// A builder for events of database `db`.
-    pub fn new(db: impl Into<String>) -> Self {
+    /// A builder for events of database `db`, published under `subject_prefix`.
+    pub fn new(db: impl Into<String>, subject_prefix: impl Into<String>) -> Self {
         ChangeBuilder {
             db: db.into(),
+            prefix: subject_prefix.into(),
             relations: HashMap::new(),
             types: TypeRegistry::new(),
             tx: None,
@@ -105,12 +138,7 @@ impl ChangeBuilder {
             }
             LogicalMessage::Commit(c) => {
                 let events = self.tx.as_ref().map_or(0, |t| t.ordinal);
-                if let Some(mut ev) = self.pending.take() {
-                    if let Some(t) = ev.transaction.as_mut() {
-                        t.last = true;
-                    }
-                    out.push(Output::Event(Box::new(ev)));
-                }
+                self.flush_pending(true, out);
                 self.tx = None;
                 out.push(Output::TxEnd {
                     commit_lsn: c.commit_lsn,
@@ -119,37 +147,42 @@ impl ChangeBuilder {
                 });
             }
             LogicalMessage::Relation(r) => {
-                self.relations.insert(r.id, r);
+                let cached = self.cache(r);
+                self.relations.insert(cached.rel.id, cached);
             }
             LogicalMessage::Type(_) | LogicalMessage::Origin(_) => {}
             LogicalMessage::Insert(i) => {
-                let rel = self.relation(i.relation_id)?;
-                let (after, toast) = self.row(rel, &i.new, false);
-                let ev = self.event(lsn, i.relation_id, Op::Create, None, Some(after), toast)?;
-                self.push(ev, out);
+                self.change(lsn, i.relation_id, Op::Create, None, Some(&i.new), out)?;
             }
             LogicalMessage::Update(u) => {
-                let rel = self.relation(u.relation_id)?;
-                let (after, toast) = self.row(rel, &u.new, false);
                 let before = match &u.old {
-                    Some(old) => Some(self.old_row(rel, old)),
+                    Some(old) => Before::Old(old),
                     // No old tuple: the key did not change; carry it from the new row so that
                     // consumers always find the key in `before`.
-                    None => Some(self.key_of(rel, &u.new)),
+                    None => Before::KeyOf(&u.new),
                 };
-                let ev = self.event(lsn, u.relation_id, Op::Update, before, Some(after), toast)?;
-                self.push(ev, out);
+                self.change(
+                    lsn,
+                    u.relation_id,
+                    Op::Update,
+                    Some(before),
+                    Some(&u.new),
+                    out,
+                )?;
             }
             LogicalMessage::Delete(d) => {
-                let rel = self.relation(d.relation_id)?;
-                let before = self.old_row(rel, &d.old);
-                let ev = self.event(lsn, d.relation_id, Op::Delete, Some(before), None, vec![])?;
-                self.push(ev, out);
+                self.change(
+                    lsn,
+                    d.relation_id,
+                    Op::Delete,
+                    Some(Before::Old(&d.old)),
+                    None,
+                    out,
+                )?;
             }
             LogicalMessage::Truncate(t) => {
                 for id in t.relation_ids {
-                    let ev = self.event(lsn, id, Op::Truncate, None, None, vec![])?;
-                    self.push(ev, out);
+                    self.change(lsn, id, Op::Truncate, None, None, out)?;
                 }
             }
             LogicalMessage::Message(m) => out.push(Output::Message(m)),
@@ -157,108 +190,192 @@ impl ChangeBuilder {
         Ok(())
     }
 
-    fn relation(&self, id: RelationId) -> Result<&Relation, UnknownRelation> {
-        self.relations.get(&id).ok_or(UnknownRelation(id.0))
-    }
-
-    fn push(&mut self, ev: ChangeEvent, out: &mut Vec<Output>) {
-        if let Some(prev) = self.pending.replace(ev) {
-            out.push(Output::Event(Box::new(prev)));
+    fn cache(&self, rel: Relation) -> CachedRelation {
+        let mut source_names = Vec::new();
+        source_names.extend_from_slice(b"\"db\":");
+        write_json_str(&mut source_names, &self.db);
+        source_names.extend_from_slice(b",\"schema\":");
+        write_json_str(&mut source_names, &rel.namespace);
+        source_names.extend_from_slice(b",\"table\":");
+        write_json_str(&mut source_names, &rel.name);
+        source_names.push(b',');
+        let column_keys = rel
+            .columns
+            .iter()
+            .map(|c| {
+                let mut k = Vec::with_capacity(c.name.len() + 3);
+                write_json_str(&mut k, &c.name);
+                k.push(b':');
+                k
+            })
+            .collect();
+        CachedRelation {
+            subject: async_nats::Subject::from(subject::table_subject(
+                &self.prefix,
+                &rel.namespace,
+                &rel.name,
+            )),
+            table: Arc::from(format!("{}.{}", rel.namespace, rel.name)),
+            source_names,
+            column_keys,
+            rel,
         }
     }
 
-    fn event(
+    fn flush_pending(&mut self, last: bool, out: &mut Vec<Output>) {
+        if let Some(mut ev) = self.pending.take() {
+            // The tail left open by `change`.
+            ev.body
+                .extend_from_slice(if last { b"true}," } else { b"false}," });
+            let _ = write!(ev.body, "\"ts_ms\":{}}}", now_ms());
+            out.push(Output::Event(ev));
+        }
+    }
+
+    fn change(
         &mut self,
         lsn: Lsn,
         rel_id: RelationId,
         op: Op,
-        before: Option<Row>,
-        after: Option<Row>,
-        unchanged_toast: Vec<String>,
-    ) -> Result<ChangeEvent, UnknownRelation> {
-        let rel = self
-            .relations
-            .get(&rel_id)
-            .ok_or(UnknownRelation(rel_id.0))?;
-        let (schema, table) = (rel.namespace.clone(), rel.name.clone());
-        let (transaction, commit_lsn, tx_id, ts_ms) = match self.tx.as_mut() {
+        before: Option<Before<'_>>,
+        after: Option<&TupleData>,
+        out: &mut Vec<Output>,
+    ) -> Result<(), UnknownRelation> {
+        if !self.relations.contains_key(&rel_id) {
+            return Err(UnknownRelation(rel_id.0));
+        }
+        self.flush_pending(false, out);
+        let (xid, commit_lsn, tx_ts, ordinal, per_table) = match self.tx.as_mut() {
             Some(tx) => {
                 tx.ordinal += 1;
                 let per = tx.per_table.entry(rel_id).or_insert(0);
                 *per += 1;
-                (
-                    Some(TransactionInfo {
-                        id: format!("{}:{}", tx.xid, tx.commit_lsn),
-                        total_order: tx.ordinal,
-                        data_collection_order: *per,
-                        last: false,
-                    }),
-                    tx.commit_lsn,
-                    Some(tx.xid),
-                    tx.ts_ms,
-                )
+                (Some(tx.xid), tx.commit_lsn, tx.ts_ms, tx.ordinal, *per)
             }
-            None => (None, lsn, None, now_ms()),
+            None => (None, lsn, now_ms(), 0, 0),
         };
-        Ok(ChangeEvent {
+        let Some(cached) = self.relations.get(&rel_id) else {
+            return Err(UnknownRelation(rel_id.0));
+        };
+        let mut body = Vec::with_capacity(256);
+        body.extend_from_slice(b"{\"op\":\"");
+        body.extend_from_slice(op.code().as_bytes());
+        body.extend_from_slice(b"\",\"before\":");
+        match before {
+            None => body.extend_from_slice(b"null"),
+            Some(Before::Old(old)) => {
+                let keys_only = matches!(old.kind, OldTupleKind::Key);
+                self.write_row(cached, &old.tuple, keys_only, &mut body, None);
+            }
+            Some(Before::KeyOf(tuple)) => self.write_row(cached, tuple, true, &mut body, None),
+        }
+        body.extend_from_slice(b",\"after\":");
+        let mut toast = Vec::new();
+        match after {
+            None => body.extend_from_slice(b"null"),
+            Some(tuple) => self.write_row(cached, tuple, false, &mut body, Some(&mut toast)),
+        }
+        body.extend_from_slice(b",\"unchanged_toast\":[");
+        for (i, col) in toast.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            write_json_str(&mut body, col);
+        }
+        body.extend_from_slice(b"],\"source\":{");
+        body.extend_from_slice(&cached.source_names);
+        let _ = write!(
+            body,
+            "\"lsn\":\"{lsn}\",\"commit_lsn\":\"{commit_lsn}\",\"txId\":"
+        );
+        match xid {
+            Some(x) => {
+                let _ = write!(body, "{x}");
+            }
+            None => body.extend_from_slice(b"null"),
+        }
+        let _ = write!(
+            body,
+            ",\"ts_ms\":{tx_ts},\"snapshot\":false}},\"transaction\":"
+        );
+        let ev = EncodedEvent {
             op,
-            before,
-            after,
-            unchanged_toast,
-            source: Source {
-                db: self.db.clone(),
-                schema,
-                table,
-                lsn,
-                commit_lsn,
-                tx_id,
-                ts_ms,
-                snapshot: false,
-            },
-            transaction,
-            ts_ms: now_ms(),
-        })
+            subject: cached.subject.clone(),
+            table: Arc::clone(&cached.table),
+            commit_lsn,
+            ordinal,
+            body,
+        };
+        match xid {
+            Some(x) => {
+                let mut ev = ev;
+                let _ = write!(
+                    ev.body,
+                    "{{\"id\":\"{x}:{commit_lsn}\",\"total_order\":{ordinal},\"data_collection_order\":{per_table},\"last\":"
+                );
+                self.pending = Some(ev);
+            }
+            None => {
+                // Outside a transaction (never for row changes in practice): no tail to wait for.
+                let mut ev = ev;
+                let _ = write!(ev.body, "null,\"ts_ms\":{}}}", now_ms());
+                out.push(Output::Event(ev));
+            }
+        }
+        Ok(())
     }
 
-    /// A row from a tuple; unchanged TOAST columns are left out and listed.
-    fn row(&self, rel: &Relation, tuple: &TupleData, keys_only: bool) -> (Row, Vec<String>) {
-        let mut row = Row::new();
-        let mut toast = Vec::new();
-        for (col, val) in rel.columns.iter().zip(tuple.0.iter()) {
+    /// Writes a row object; unchanged TOAST columns are left out and, when `toast` is given,
+    /// listed there.
+    fn write_row(
+        &self,
+        cached: &CachedRelation,
+        tuple: &TupleData,
+        keys_only: bool,
+        out: &mut Vec<u8>,
+        mut toast: Option<&mut Vec<String>>,
+    ) {
+        out.push(b'{');
+        let mut first = true;
+        for ((col, key), val) in cached
+            .rel
+            .columns
+            .iter()
+            .zip(&cached.column_keys)
+            .zip(tuple.0.iter())
+        {
             if keys_only && !col.is_key {
                 continue;
             }
+            if let TupleValue::UnchangedToast = val {
+                if let Some(t) = toast.as_deref_mut() {
+                    t.push(col.name.clone());
+                }
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(key);
             match val {
-                TupleValue::UnchangedToast => toast.push(col.name.clone()),
-                v => {
-                    row.insert(col.name.clone(), self.value(col, v));
+                TupleValue::Null | TupleValue::UnchangedToast => out.extend_from_slice(b"null"),
+                TupleValue::Text(b) => match std::str::from_utf8(b) {
+                    Ok(s) => self.types.write_json(col.type_oid, s, out),
+                    Err(_) => write_json_str(out, &String::from_utf8_lossy(b)),
+                },
+                TupleValue::Binary(b) => {
+                    write_json_str(out, &base64::engine::general_purpose::STANDARD.encode(b))
                 }
             }
         }
-        (row, toast)
+        out.push(b'}');
     }
+}
 
-    fn old_row(&self, rel: &Relation, old: &OldTuple) -> Row {
-        let keys_only = matches!(old.kind, crate::pgoutput::OldTupleKind::Key);
-        self.row(rel, &old.tuple, keys_only).0
-    }
-
-    fn key_of(&self, rel: &Relation, tuple: &TupleData) -> Row {
-        self.row(rel, tuple, true).0
-    }
-
-    fn value(&self, col: &Column, v: &TupleValue) -> Value {
-        match v {
-            TupleValue::Null | TupleValue::UnchangedToast => Value::Null,
-            TupleValue::Text(b) => match std::str::from_utf8(b) {
-                Ok(s) => self.types.to_json(col.type_oid, s),
-                Err(_) => Value::String(String::from_utf8_lossy(b).into_owned()),
-            },
-            TupleValue::Binary(b) => {
-                Value::String(base64::engine::general_purpose::STANDARD.encode(b))
-            }
-        }
-    }
+enum Before<'a> {
+    Old(&'a OldTuple),
+    KeyOf(&'a TupleData),
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -267,4 +384,146 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::ChangeEvent;
+    use crate::pgoutput::{Begin, Column, Commit, Insert, PgTimestamp, ReplicaIdentity, Update};
+    use bytes::Bytes;
+    use serde_json::json;
+
+    fn text(s: &str) -> TupleValue {
+        TupleValue::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn events(out: &[Output]) -> Vec<ChangeEvent> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Event(e) => Some(serde_json::from_slice(&e.body).expect("valid envelope")),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_transaction_becomes_envelopes_with_last_on_the_final_event() {
+        let mut b = ChangeBuilder::new("shop \"db\"", "cdc");
+        let mut out = Vec::new();
+        let rel = Relation {
+            id: RelationId(7),
+            namespace: "public".into(),
+            name: "t\u{e9}".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![
+                Column {
+                    is_key: true,
+                    name: "id".into(),
+                    type_oid: 23,
+                    type_modifier: -1,
+                },
+                Column {
+                    is_key: false,
+                    name: "doc".into(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                },
+                Column {
+                    is_key: false,
+                    name: "n".into(),
+                    type_oid: 1700,
+                    type_modifier: -1,
+                },
+            ],
+        };
+        let commit = Lsn(0x500);
+        let msgs = vec![
+            LogicalMessage::Relation(rel),
+            LogicalMessage::Begin(Begin {
+                final_lsn: commit,
+                commit_time: PgTimestamp(0),
+                xid: 9,
+            }),
+            LogicalMessage::Insert(Insert {
+                relation_id: RelationId(7),
+                new: TupleData(vec![text("1"), text("a \"quote\"\n"), TupleValue::Null]),
+            }),
+            LogicalMessage::Update(Update {
+                relation_id: RelationId(7),
+                old: None,
+                new: TupleData(vec![text("1"), TupleValue::UnchangedToast, text("1.50")]),
+            }),
+            LogicalMessage::Commit(Commit {
+                flags: 0,
+                commit_lsn: commit,
+                end_lsn: Lsn(0x530),
+                commit_time: PgTimestamp(0),
+            }),
+        ];
+        for m in msgs {
+            b.on_message(Lsn(0x400), m, &mut out)
+                .expect("known relation");
+        }
+        let evs = events(&out);
+        assert_eq!(evs.len(), 2);
+        assert_eq!(
+            evs[0].after,
+            json!({"id": 1, "doc": "a \"quote\"\n", "n": null})
+                .as_object()
+                .cloned()
+        );
+        assert_eq!(evs[0].source.db, "shop \"db\"");
+        assert_eq!(evs[0].source.table, "t\u{e9}");
+        assert_eq!(evs[0].source.commit_lsn, commit);
+        assert_eq!(evs[0].source.tx_id, Some(9));
+        assert_eq!(evs[0].source.ts_ms, 946_684_800_000);
+        let t0 = evs[0].transaction.as_ref().expect("tx");
+        assert_eq!(
+            (t0.total_order, t0.data_collection_order, t0.last),
+            (1, 1, false)
+        );
+        assert_eq!(t0.id, "9:0/500");
+        assert_eq!(evs[1].op, Op::Update);
+        assert_eq!(evs[1].before, json!({"id": 1}).as_object().cloned());
+        assert_eq!(
+            evs[1].after,
+            json!({"id": 1, "n": "1.50"}).as_object().cloned()
+        );
+        assert_eq!(evs[1].unchanged_toast, vec!["doc".to_string()]);
+        assert!(evs[1].transaction.as_ref().expect("tx").last);
+        assert!(matches!(
+            out.last(),
+            Some(Output::TxEnd {
+                end_lsn: Lsn(0x530),
+                events: 2,
+                ..
+            })
+        ));
+        match &out[0] {
+            Output::Event(e) => {
+                assert_eq!(e.subject.as_str(), "cdc.public.t%C3%A9");
+                assert_eq!(&*e.table, "public.t\u{e9}");
+                assert_eq!(e.ordinal, 1);
+            }
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn changes_before_their_relation_are_refused() {
+        let mut b = ChangeBuilder::new("db", "cdc");
+        let mut out = Vec::new();
+        let err = b
+            .on_message(
+                Lsn(1),
+                LogicalMessage::Insert(Insert {
+                    relation_id: RelationId(3),
+                    new: TupleData(vec![]),
+                }),
+                &mut out,
+            )
+            .expect_err("unknown relation");
+        assert_eq!(err.0, 3);
+    }
 }

@@ -126,7 +126,7 @@ impl ResumePoint {
 #[derive(Debug)]
 pub struct Outgoing {
     /// Subject.
-    pub subject: String,
+    pub subject: async_nats::Subject,
     /// `Nats-Msg-Id`.
     pub msg_id: String,
     /// Other headers.
@@ -325,7 +325,7 @@ impl StreamSink {
             .publish_with_reply_and_headers(msg.subject.clone(), reply, headers, body)
             .await
             .map_err(|e| PublishError::Publish {
-                subject: msg.subject,
+                subject: msg.subject.to_string(),
                 message: e.to_string(),
             })?;
         self.next_ticket += 1;
@@ -378,7 +378,7 @@ impl StreamSink {
         self.heartbeat_seq += 1;
         let body = serde_json::to_vec(&Heartbeat { lsn }).unwrap_or_default();
         let msg = Outgoing {
-            subject: subject::heartbeat_subject(&self.prefix),
+            subject: subject::heartbeat_subject(&self.prefix).into(),
             msg_id: format!(
                 "hb:{lsn}:{}:{}",
                 crate::events::now_ms(),
@@ -444,10 +444,10 @@ struct AckError {
 }
 
 /// Headers of a change event.
-pub fn event_headers(op: &str, table: String, commit_lsn: Lsn) -> Vec<(&'static str, String)> {
+pub fn event_headers(op: &str, table: &str, commit_lsn: Lsn) -> Vec<(&'static str, String)> {
     vec![
         (HEADER_OP, op.to_string()),
-        (HEADER_TABLE, table),
+        (HEADER_TABLE, table.to_string()),
         (HEADER_COMMIT_LSN, commit_lsn.to_string()),
     ]
 }

@@ -18,23 +18,25 @@ use std::time::{Duration, Instant};
 
 use std::collections::VecDeque;
 
+use futures::FutureExt;
 use tokio::sync::watch;
 
 use crate::config::CdcConfig;
-use crate::envelope::{msg_id, ChangeEvent};
-use crate::events::{ChangeBuilder, Output, UnknownRelation};
+use crate::envelope::msg_id;
+use crate::events::{ChangeBuilder, EncodedEvent, Output, UnknownRelation};
 use crate::lsn::Lsn;
 use crate::pgconn::{PgConnError, PgTarget};
 use crate::pgoutput::{self, LogicalMessage};
 use crate::publish::{event_headers, Outgoing, PublishError, ResumePoint, StreamSink, Ticket};
 use crate::replication::{ReplicationError, ReplicationSession, ReplicationStream};
 use crate::setup::{self, SetupError, SlotState};
-use crate::subject;
 use crate::wal::ReplicationMessage;
 
 /// How long a fresh process waits for a slot held by another walsender (e.g. the session of a
 /// predecessor that was just killed) before giving up.
 const SLOT_BUSY_GRACE: Duration = Duration::from_secs(10);
+/// Replication messages handled in one turn of the loop when they are already buffered.
+const MAX_BURST: usize = 256;
 /// How often the loop logs its progress (debug level).
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest wait between reconnect attempts.
@@ -240,7 +242,7 @@ impl<'a> Pipeline<'a> {
             cfg,
             sink,
             sql,
-            builder: ChangeBuilder::new(db),
+            builder: ChangeBuilder::new(db, cfg.nats.subject_prefix.clone()),
             resume,
             in_flight: VecDeque::with_capacity(cfg.nats.max_in_flight),
             confirmed: Lsn::ZERO,
@@ -329,16 +331,27 @@ impl<'a> Pipeline<'a> {
                 }
                 // 7. The next replication message, while the window has room.
                 msg = stream.next_message(), if self.in_flight.len() < window => {
-                    match msg? {
-                        Some(m) => {
-                            self.activity += 1;
-                            self.on_replication_message(m, &mut stream).await?;
+                    let mut next = Some(msg);
+                    let mut burst = 0;
+                    // Take what is already buffered without going round the loop again (the
+                    // other branches are timers and acks: a short burst delays them by
+                    // microseconds), then give the other branches their turn.
+                    while let Some(msg) = next.take() {
+                        match msg? {
+                            Some(m) => {
+                                self.activity += 1;
+                                self.on_replication_message(m, &mut stream).await?;
+                            }
+                            None => {
+                                return Err(ReplicationError::Protocol(
+                                    "the server ended the replication stream".into(),
+                                )
+                                .into())
+                            }
                         }
-                        None => {
-                            return Err(ReplicationError::Protocol(
-                                "the server ended the replication stream".into(),
-                            )
-                            .into())
+                        burst += 1;
+                        if burst < MAX_BURST && self.in_flight.len() < window {
+                            next = stream.next_message().now_or_never();
                         }
                     }
                 }
@@ -394,7 +407,7 @@ impl<'a> Pipeline<'a> {
 
     async fn on_output(&mut self, out: Output) -> Result<(), ReaderError> {
         match out {
-            Output::Event(ev) => self.publish_event(*ev).await?,
+            Output::Event(ev) => self.publish_event(ev).await?,
             Output::TxEnd { end_lsn, .. } => self.push_marker(end_lsn),
             Output::Message(m) => {
                 if !m.prefix.starts_with(MESSAGE_PREFIX) {
@@ -405,25 +418,16 @@ impl<'a> Pipeline<'a> {
         Ok(())
     }
 
-    async fn publish_event(&mut self, ev: ChangeEvent) -> Result<(), ReaderError> {
-        let ordinal = ev.transaction.as_ref().map_or(0, |t| t.total_order);
-        if self.resume.covers(ev.source.commit_lsn, ordinal) {
+    async fn publish_event(&mut self, ev: EncodedEvent) -> Result<(), ReaderError> {
+        if self.resume.covers(ev.commit_lsn, ev.ordinal) {
             self.skipped += 1;
             return Ok(());
         }
-        let body = serde_json::to_vec(&ev).map_err(|e| PublishError::Publish {
-            subject: ev.table_name(),
-            message: format!("encoding the event: {e}"),
-        })?;
         let msg = Outgoing {
-            subject: subject::table_subject(
-                &self.cfg.nats.subject_prefix,
-                &ev.source.schema,
-                &ev.source.table,
-            ),
-            msg_id: msg_id(ev.source.commit_lsn, ordinal),
-            headers: event_headers(ev.op.code(), ev.table_name(), ev.source.commit_lsn),
-            body: body.into(),
+            subject: ev.subject,
+            msg_id: msg_id(ev.commit_lsn, ev.ordinal),
+            headers: event_headers(ev.op.code(), &ev.table, ev.commit_lsn),
+            body: ev.body.into(),
         };
         let ticket = self.sink.publish(msg).await?;
         self.published += 1;

@@ -298,6 +298,32 @@ impl TypeRegistry {
         self.convert(oid, text, 0)
     }
 
+    /// Appends the JSON of one value to `out`: the same JSON as [`TypeRegistry::to_json`], but
+    /// the common kinds (integers, booleans, text-like values) are written without building a
+    /// [`Value`] (the reader's hot path).
+    pub fn write_json(&self, oid: u32, text: &str, out: &mut Vec<u8>) {
+        match self.resolve(oid) {
+            TypeKind::Bool if text == "t" || text == "true" => out.extend_from_slice(b"true"),
+            TypeKind::Bool if text == "f" || text == "false" => out.extend_from_slice(b"false"),
+            TypeKind::Integer if is_canonical_integer(text) => {
+                out.extend_from_slice(text.as_bytes())
+            }
+            TypeKind::Bool
+            | TypeKind::Numeric
+            | TypeKind::Text
+            | TypeKind::Date
+            | TypeKind::Time
+            | TypeKind::Interval
+            | TypeKind::Enum
+            | TypeKind::Domain { .. }
+            | TypeKind::Other => write_json_str(out, text),
+            _ => {
+                // Writing into a Vec can't fail.
+                let _ = serde_json::to_writer(&mut *out, &self.to_json(oid, text));
+            }
+        }
+    }
+
     /// The kind `oid` maps by: domains resolved to their base, unknown OIDs and domain
     /// chains longer than [`MAX_TYPE_DEPTH`] (cycles) to [`TypeKind::Other`].
     fn resolve(&self, oid: u32) -> TypeKind {
@@ -354,6 +380,23 @@ impl TypeRegistry {
             ),
         }
     }
+}
+
+/// Appends `text` as a JSON string.
+pub fn write_json_str(out: &mut Vec<u8>, text: &str) {
+    // Serializing a str into a Vec can't fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+/// True when `text` is an integer exactly as JSON (and serde_json) would print it: an optional
+/// minus, no leading zeros, within i64 or u64.
+fn is_canonical_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'))
+        && text != "-0"
+        && (text.parse::<i64>().is_ok() || text.parse::<u64>().is_ok())
 }
 
 fn bool_value(text: &str) -> Option<Value> {

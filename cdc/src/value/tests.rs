@@ -730,3 +730,27 @@ proptest! {
         prop_assert_eq!(reg.to_json(100_000, &decorated), to_value(&node));
     }
 }
+
+proptest! {
+    /// The hot-path writer produces exactly the JSON of `to_json`, for every built-in type and
+    /// any text, including texts that don't parse as their type.
+    #[test]
+    fn write_json_matches_to_json(
+        index in 0..BUILTIN_ROWS.len(),
+        text in prop_oneof![
+            "-?[0-9]{1,21}",
+            "[tf]|true|false|TRUE",
+            "\\PC{0,12}",
+            Just("00".to_string()),
+            Just("-0".to_string()),
+            Just("+5".to_string()),
+        ],
+    ) {
+        let registry = TypeRegistry::new();
+        let oid = BUILTIN_ROWS[index].0;
+        let mut out = Vec::new();
+        registry.write_json(oid, &text, &mut out);
+        let expected = serde_json::to_vec(&registry.to_json(oid, &text)).expect("encodes");
+        prop_assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&expected));
+    }
+}
