@@ -419,7 +419,6 @@ impl StartupHandler for ReplicationStartup {
     }
 }
 
-
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
