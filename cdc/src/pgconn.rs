@@ -77,6 +77,8 @@ pub struct PgTarget {
     config: tokio_postgres::Config,
     ssl_mode: SslMode,
     tls: Option<Arc<ClientConfig>>,
+    /// `sslrootcert`, for messages.
+    root_cert: Option<String>,
 }
 
 impl fmt::Debug for PgTarget {
@@ -88,12 +90,7 @@ impl fmt::Debug for PgTarget {
 
 impl fmt::Display for PgTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let host = match self.config.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            #[cfg(unix)]
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".into(),
-        };
+        let host = self.host();
         let port = self.config.get_ports().first().copied().unwrap_or(5432);
         write!(
             f,
@@ -156,6 +153,7 @@ impl PgTarget {
             config,
             ssl_mode,
             tls: None,
+            root_cert: root_cert.clone(),
         };
         target.tls = match ssl_mode {
             SslMode::Disable => None,
@@ -167,6 +165,48 @@ impl PgTarget {
             )?)),
         };
         Ok(target)
+    }
+
+    /// The (first) host name, address or socket directory.
+    pub fn host(&self) -> String {
+        match self.config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".into(),
+        }
+    }
+
+    /// What to do about a refused server certificate, from the text of a TLS handshake error
+    /// (rustls' `invalid peer certificate: …`); `None` for other errors.
+    fn certificate_hint(&self, text: &str) -> Option<String> {
+        let (_, reason) = text.split_once("invalid peer certificate")?;
+        // rustls shows some reasons by name (`UnknownIssuer`), others as prose.
+        let reason = reason.to_ascii_lowercase().replace(' ', "");
+        let hint = if reason.contains("notvalidforname") {
+            format!(
+                "the server's certificate is not valid for host {:?}: connect with a host name \
+                 the certificate lists, or use sslmode=verify-ca to skip the host name check",
+                self.host()
+            )
+        } else if reason.contains("unknownissuer") || reason.contains("badsignature") {
+            match &self.root_cert {
+                Some(path) => format!(
+                    "the server's certificate is not signed by the CA in sslrootcert={path}: \
+                     point sslrootcert at the CA that signed it"
+                ),
+                None => "the server's certificate is not signed by a public CA: set \
+                         sslrootcert=<CA file> in postgres.url"
+                    .to_string(),
+            }
+        } else if reason.contains("expired") || reason.contains("notvalidyet") {
+            "the server's certificate is outside its validity period: renew it or check the \
+             clock"
+                .to_string()
+        } else {
+            "the server's certificate was refused: check it and sslrootcert".to_string()
+        };
+        Some(format!("{text}; {hint}"))
     }
 
     /// The role name.
@@ -225,7 +265,7 @@ impl PgTarget {
                     text = format!("{text}: {s}");
                     src = s.source();
                 }
-                text
+                self.certificate_hint(&text).unwrap_or(text)
             }
         };
         PgConnError::Connect {
@@ -293,11 +333,14 @@ impl PgTarget {
                 message: explain_refusal(&info.code, &info.message, self.user()),
                 code: Some(info.code.clone()),
             },
-            other => PgConnError::Connect {
-                target: self.to_string(),
-                message: describe_client_error(&other),
-                code: None,
-            },
+            other => {
+                let text = describe_client_error(&other);
+                PgConnError::Connect {
+                    target: self.to_string(),
+                    message: self.certificate_hint(&text).unwrap_or(text),
+                    code: None,
+                }
+            }
         }
     }
 }
@@ -589,6 +632,25 @@ impl ServerCertVerifier for IgnoreHostName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_certificates_say_what_to_do() {
+        let t = PgTarget::parse("postgres://u@db.internal/x?sslmode=require").expect("parses");
+        let e = "error performing TLS handshake: invalid peer certificate: UnknownIssuer";
+        let hint = t.certificate_hint(e).expect("a hint");
+        assert!(
+            hint.starts_with(e) && hint.contains("set sslrootcert"),
+            "{hint}"
+        );
+        let hint = t
+            .certificate_hint("invalid peer certificate: certificate not valid for name \"x\"")
+            .expect("a hint");
+        assert!(
+            hint.contains("not valid for host \"db.internal\"") && hint.contains("verify-ca"),
+            "{hint}"
+        );
+        assert!(t.certificate_hint("connection refused").is_none());
+    }
 
     #[test]
     fn display_never_shows_the_password() {

@@ -222,3 +222,71 @@ pub async fn read_from(
     }
     Ok(Batch { events, last_seq })
 }
+
+// ---- Helpers for the error, TLS and type tests -------------------------------------------
+
+/// How long a reader that must refuse to start gets to exit.
+pub const FAIL_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Env {
+    /// Like [`Env::write_config`] with `url` as `postgres.url` (may be empty).
+    pub fn write_config_with_url(&self, url: &str, tables: &[&str], extra: &str) -> Result<()> {
+        let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
+        let text = format!(
+            "[postgres]\nurl = {url:?}\nslot = \"cdc_slot\"\npublication = \"cdc_pub\"\ntables = [{tables}]\n\n[nats]\nurl = {nats:?}\nstream = {stream:?}\nsubject_prefix = {prefix:?}\n{extra}\n",
+            tables = tables.join(", "),
+            nats = self.nats.url(),
+            stream = self.stream,
+            prefix = self.prefix,
+        );
+        std::fs::write(&self.config, text)?;
+        Ok(())
+    }
+
+    /// Starts `cdc run --config …` with extra environment variables.
+    pub fn spawn_reader_with_env(&self, vars: &[(&str, &str)]) -> Result<ChildProcess> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdc"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info,cdc=debug");
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        testkit::spawn_logged(cmd, "cdc")
+    }
+
+    /// Inserts a row through Postgres and waits until the stream holds at least one event:
+    /// proof that a reader really streams.
+    pub async fn expect_streaming(&self, insert: &str) -> Result<Vec<Received>> {
+        self.sql().await?.batch_execute(insert).await?;
+        self.wait_for_events(1, Duration::from_secs(30)).await
+    }
+}
+
+/// The last non-empty line of `text`.
+pub fn last_line(text: &str) -> &str {
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+}
+
+/// Waits (bounded) for a reader that must refuse to run: it has to exit non-zero, and the last
+/// line of its stderr has to be main.rs's `cdc: …` line. Returns that line.
+pub async fn expect_refusal(reader: &mut ChildProcess) -> Result<String> {
+    let status = reader.wait_with_timeout(FAIL_TIMEOUT).await?;
+    anyhow::ensure!(
+        !status.success(),
+        "the reader exited successfully but should have refused\n{}",
+        reader.describe()
+    );
+    let stderr = reader.stderr();
+    let line = last_line(&stderr).to_string();
+    anyhow::ensure!(
+        line.starts_with("cdc: "),
+        "the last stderr line is not the `cdc: …` error line: {line:?}\n{}",
+        reader.describe()
+    );
+    Ok(line)
+}
