@@ -64,6 +64,38 @@ pub struct CdcConfig {
     /// Timing of heartbeats and status updates.
     #[serde(default)]
     pub reader: ReaderTuning,
+    /// Snapshots of existing rows.
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
+}
+
+/// `[snapshot]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Snapshot every published table that has no snapshot record yet (first start, tables
+    /// added later).
+    #[serde(default = "default_true")]
+    pub initial: bool,
+    /// Rows per chunk (one short read between two watermarks).
+    #[serde(default = "default_chunk_rows")]
+    pub chunk_rows: usize,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            initial: true,
+            chunk_rows: crate::snapshot::DEFAULT_CHUNK_ROWS,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_chunk_rows() -> usize {
+    crate::snapshot::DEFAULT_CHUNK_ROWS
 }
 
 /// `[postgres]`.
@@ -282,6 +314,9 @@ impl CdcConfig {
         }
         if self.nats.replicas == 0 || self.nats.replicas > 5 {
             return bad("nats.replicas must be between 1 and 5".into());
+        }
+        if self.snapshot.chunk_rows == 0 || self.snapshot.chunk_rows > 50_000 {
+            return bad("snapshot.chunk_rows must be between 1 and 50000".into());
         }
         if self.reader.heartbeat_interval_ms == 0 || self.reader.status_interval_ms == 0 {
             return bad(

@@ -17,6 +17,7 @@ use crate::pgoutput::{
     LogicalDecodingMessage, LogicalMessage, OldTuple, OldTupleKind, Relation, RelationId,
     TupleData, TupleValue,
 };
+use crate::snapshot::RaceSet;
 use crate::subject;
 use crate::value::{write_json_str, TypeRegistry};
 
@@ -88,6 +89,15 @@ pub struct ChangeBuilder {
     types: TypeRegistry,
     tx: Option<Tx>,
     pending: Option<EncodedEvent>,
+    watch: Option<Watch>,
+}
+
+/// Keys of one table to collect from the stream (between a snapshot chunk's watermarks).
+struct Watch {
+    schema: String,
+    table: String,
+    key_columns: Vec<String>,
+    seen: RaceSet,
 }
 
 impl ChangeBuilder {
@@ -100,6 +110,76 @@ impl ChangeBuilder {
             types: TypeRegistry::new(),
             tx: None,
             pending: None,
+            watch: None,
+        }
+    }
+
+    /// Starts collecting the keys (`key_columns`, text values) of every change to
+    /// `schema.table`.
+    pub fn start_watch(&mut self, schema: &str, table: &str, key_columns: Vec<String>) {
+        self.watch = Some(Watch {
+            schema: schema.to_string(),
+            table: table.to_string(),
+            key_columns,
+            seen: RaceSet::default(),
+        });
+    }
+
+    /// Stops collecting and returns what was seen.
+    pub fn take_watch(&mut self) -> Option<RaceSet> {
+        self.watch.take().map(|w| w.seen)
+    }
+
+    /// Commit LSN of the transaction being decoded.
+    pub fn current_commit_lsn(&self) -> Option<Lsn> {
+        self.tx.as_ref().map(|t| t.commit_lsn)
+    }
+
+    /// The database name events carry.
+    pub fn db(&self) -> &str {
+        &self.db
+    }
+
+    /// The type registry.
+    pub fn types(&self) -> &TypeRegistry {
+        &self.types
+    }
+
+    fn record_watched(&mut self, rel_id: RelationId, op: Op, tuples: &[&TupleData]) {
+        let Some(watch) = self.watch.as_mut() else {
+            return;
+        };
+        let Some(cached) = self.relations.get(&rel_id) else {
+            return;
+        };
+        if cached.rel.namespace != watch.schema || cached.rel.name != watch.table {
+            return;
+        }
+        if op == Op::Truncate {
+            watch.seen.truncated = true;
+            return;
+        }
+        let positions: Option<Vec<usize>> = watch
+            .key_columns
+            .iter()
+            .map(|k| cached.rel.columns.iter().position(|c| &c.name == k))
+            .collect();
+        let Some(positions) = positions else {
+            // The key column is gone from the stream's shape: be safe, drop the chunk.
+            watch.seen.truncated = true;
+            return;
+        };
+        for tuple in tuples {
+            let key: Option<Vec<String>> = positions
+                .iter()
+                .map(|&i| match tuple.0.get(i) {
+                    Some(TupleValue::Text(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                    _ => None,
+                })
+                .collect();
+            if let Some(key) = key {
+                watch.seen.keys.insert(key);
+            }
         }
     }
 
@@ -243,6 +323,18 @@ impl ChangeBuilder {
     ) -> Result<(), UnknownRelation> {
         if !self.relations.contains_key(&rel_id) {
             return Err(UnknownRelation(rel_id.0));
+        }
+        if self.watch.is_some() {
+            let mut tuples: Vec<&TupleData> = Vec::with_capacity(2);
+            match &before {
+                Some(Before::Old(old)) => tuples.push(&old.tuple),
+                Some(Before::KeyOf(t)) => tuples.push(t),
+                None => {}
+            }
+            if let Some(t) = after {
+                tuples.push(t);
+            }
+            self.record_watched(rel_id, op, &tuples);
         }
         self.flush_pending(false, out);
         let (xid, commit_lsn, tx_ts, ordinal, per_table) = match self.tx.as_mut() {

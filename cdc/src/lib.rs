@@ -15,6 +15,7 @@ pub mod publish;
 pub mod reader;
 pub mod replication;
 pub mod setup;
+pub mod snapshot;
 pub mod subject;
 
 pub use envelope::{ChangeEvent, Op};

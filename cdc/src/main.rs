@@ -37,6 +37,19 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Ask the running reader to (re-)snapshot one table while streaming, and follow its
+    /// progress until it is done.
+    Snapshot {
+        /// The reader's config file (for the NATS URL, stream and subject prefix).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The table, as `schema.table`.
+        #[arg(long)]
+        table: String,
+        /// Return once the reader accepted the request, without following progress.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -88,6 +101,69 @@ async fn async_main(command: Command) -> anyhow::Result<()> {
             cdc::reader::run(cfg, rx).await?;
             Ok(())
         }
+        Command::Snapshot {
+            config,
+            table,
+            no_wait,
+        } => snapshot(&config, &table, no_wait).await,
+    }
+}
+
+async fn snapshot(config: &std::path::Path, table: &str, no_wait: bool) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let cfg = cdc::config::CdcConfig::load(config)?;
+    let (schema, name) = cdc::subject::split_table_name(table)
+        .with_context(|| format!("--table {table:?} must be schema.table"))?;
+    let shown = cdc::publish::redact_url(&cfg.nats.url);
+    let client = async_nats::connect(cfg.nats.url.as_str())
+        .await
+        .with_context(|| format!("NATS at {shown} is unreachable"))?;
+    let request = serde_json::to_vec(&cdc::reader::SnapshotRequest {
+        table: table.to_string(),
+    })?;
+    let reply = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client.request(
+            cdc::reader::control_subject(&cfg.nats.subject_prefix),
+            request.into(),
+        ),
+    )
+    .await
+    .context("the reader did not answer within 10 s")?
+    .map_err(|e| {
+        anyhow::anyhow!("no reader answers on NATS ({e}): is `cdc run` running with this config?")
+    })?;
+    let answer: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    if let Some(err) = answer.get("error") {
+        anyhow::bail!("the reader refused: {}", err.as_str().unwrap_or_default());
+    }
+    println!("snapshot of {table} requested");
+    if no_wait {
+        return Ok(());
+    }
+    let js = async_nats::jetstream::new(client);
+    let store =
+        cdc::snapshot::ProgressStore::open(&js, &cfg.nats.stream, cfg.nats.replicas).await?;
+    let started = std::time::Instant::now();
+    let mut last_rows = u64::MAX;
+    loop {
+        if let Some(p) = store.get(&schema, &name).await? {
+            if p.rows != last_rows || p.state == "done" {
+                let rate = p.rows as f64 / started.elapsed().as_secs_f64().max(0.001);
+                println!(
+                    "{table}: {} rows of ~{} ({:.0} rows/s) [{}]",
+                    p.rows, p.estimate, rate, p.state
+                );
+                last_rows = p.rows;
+            }
+            if p.state == "done" {
+                return Ok(());
+            }
+            if let Some(reason) = p.state.strip_prefix("failed: ") {
+                anyhow::bail!("{reason}");
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
 

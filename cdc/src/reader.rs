@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use std::collections::VecDeque;
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use crate::config::CdcConfig;
@@ -30,6 +30,7 @@ use crate::pgoutput::{self, LogicalMessage};
 use crate::publish::{event_headers, Outgoing, PublishError, ResumePoint, StreamSink, Ticket};
 use crate::replication::{ReplicationError, ReplicationSession, ReplicationStream};
 use crate::setup::{self, SetupError, SlotState};
+use crate::snapshot::{self, ChunkRows, Progress, ProgressStore, SnapshotError, TableShape};
 use crate::wal::ReplicationMessage;
 
 /// How long a fresh process waits for a slot held by another walsender (e.g. the session of a
@@ -37,6 +38,10 @@ use crate::wal::ReplicationMessage;
 const SLOT_BUSY_GRACE: Duration = Duration::from_secs(10);
 /// Replication messages handled in one turn of the loop when they are already buffered.
 const MAX_BURST: usize = 256;
+/// How often the loop looks for a table to snapshot.
+const SNAPSHOT_POLL: Duration = Duration::from_millis(50);
+/// Longest wait for a chunk read whose high watermark already arrived.
+const CHUNK_WAIT: Duration = Duration::from_secs(60);
 /// How often the loop logs its progress (debug level).
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest wait between reconnect attempts.
@@ -146,8 +151,44 @@ async fn run_once(
     let pg = &cfg.postgres;
     let sql = target.connect_sql().await?;
     let slot_state = setup::prepare(&sql, &pg.tables, &pg.publication, &pg.slot).await?;
+    // Snapshot reads render values as pgoutput does.
+    sql.batch_execute(snapshot::SESSION_SETTINGS).await?;
     let mut sink = StreamSink::connect(&cfg.nats, cfg.ack_timeout()).await?;
     let resume = sink.resume_point().await?;
+    let progress = ProgressStore::open(sink.jetstream(), &cfg.nats.stream, cfg.nats.replicas)
+        .await
+        .map_err(|e| PublishError::Stream {
+            stream: cfg.nats.stream.clone(),
+            message: e.to_string(),
+        })?;
+    let control = sink
+        .client()
+        .subscribe(control_subject(&cfg.nats.subject_prefix))
+        .await
+        .map_err(|e| PublishError::Stream {
+            stream: cfg.nats.stream.clone(),
+            message: format!("subscribing to the control subject: {e}"),
+        })?;
+    let mut waiting = VecDeque::new();
+    for t in &pg.tables {
+        let Some((schema, table)) = crate::subject::split_table_name(t) else {
+            continue;
+        };
+        let record = progress
+            .get(&schema, &table)
+            .await
+            .map_err(|e| PublishError::Stream {
+                stream: cfg.nats.stream.clone(),
+                message: e.to_string(),
+            })?;
+        let wanted = match &record {
+            None => cfg.snapshot.initial,
+            Some(p) => p.state == "pending" || p.state == "running",
+        };
+        if wanted {
+            waiting.push_back((schema, table));
+        }
+    }
     let mut session = ReplicationSession::new(target.connect_replication().await?);
     let ident = session.identify_system().await?;
     if slot_state == SlotState::Missing {
@@ -169,14 +210,20 @@ async fn run_once(
         resume = ?resume,
         "streaming"
     );
-    let pipeline = Pipeline::new(
+    let mut pipeline = Pipeline::new(
         cfg,
         sink,
         Arc::new(sql),
         resume,
         target.dbname().to_string(),
     );
-    pipeline.run(stream, shutdown).await
+    pipeline.snapshots = Snapshots {
+        store: Some(progress),
+        waiting,
+        current: None,
+        next_chunk_id: u64::try_from(crate::events::now_ms()).unwrap_or(0) * 1000,
+    };
+    pipeline.run(stream, control, shutdown).await
 }
 
 /// One entry of the publish window, in publish order: a publish awaiting its PubAck, or a
@@ -184,8 +231,41 @@ async fn run_once(
 struct InFlight {
     ticket: Option<Ticket>,
     confirm: Option<Lsn>,
+    /// Snapshot progress to record once everything up to here is acknowledged.
+    progress: Option<(String, String, Progress)>,
     acked: bool,
     sent_at: Instant,
+}
+
+/// The subject the running reader answers control requests on. Outside `<prefix>.>` on
+/// purpose: the stream must not capture (and acknowledge) the requests.
+pub fn control_subject(prefix: &str) -> String {
+    format!("_CDC_CONTROL.{prefix}.snapshot")
+}
+
+/// A snapshot request (`cdc snapshot`, or an agent with a stale view).
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+pub struct SnapshotRequest {
+    /// `schema.table`.
+    pub table: String,
+}
+
+/// Snapshot state of one attempt.
+#[derive(Default)]
+struct Snapshots {
+    store: Option<ProgressStore>,
+    waiting: VecDeque<(String, String)>,
+    current: Option<CurrentSnapshot>,
+    next_chunk_id: u64,
+}
+
+struct CurrentSnapshot {
+    shape: TableShape,
+    progress: Progress,
+    chunk_id: u64,
+    chunk: Option<tokio::task::JoinHandle<Result<ChunkRows, SnapshotError>>>,
+    started: Instant,
+    rows_at_start: u64,
 }
 
 /// The streaming state of one attempt.
@@ -219,6 +299,7 @@ struct Pipeline<'a> {
     outputs: Vec<Output>,
     published: u64,
     skipped: u64,
+    snapshots: Snapshots,
 }
 
 impl<'a> Pipeline<'a> {
@@ -257,14 +338,17 @@ impl<'a> Pipeline<'a> {
             outputs: Vec::with_capacity(8),
             published: 0,
             skipped: 0,
+            snapshots: Snapshots::default(),
         }
     }
 
     async fn run(
         mut self,
         mut stream: ReplicationStream,
+        mut control: async_nats::Subscriber,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ReaderError> {
+        let mut snapshot_timer = tokio::time::interval(SNAPSHOT_POLL);
         let tuning = &self.cfg.reader;
         let window = self.cfg.nats.max_in_flight;
         let mut status_timer =
@@ -315,7 +399,15 @@ impl<'a> Pipeline<'a> {
                     }
                     self.activity = 0;
                 }
-                // 6. Progress, for operators and for diagnosing stalls.
+                // 6a. Control requests (re-snapshot a table).
+                Some(request) = control.next() => {
+                    self.on_control(request).await;
+                }
+                // 6b. Start the next table's snapshot when none runs.
+                _ = snapshot_timer.tick(), if self.snapshots.current.is_none() && !self.snapshots.waiting.is_empty() => {
+                    self.start_next_snapshot().await?;
+                }
+                // 6c. Progress, for operators and for diagnosing stalls.
                 _ = progress_timer.tick() => {
                     tracing::debug!(
                         published = self.published,
@@ -410,7 +502,9 @@ impl<'a> Pipeline<'a> {
             Output::Event(ev) => self.publish_event(ev).await?,
             Output::TxEnd { end_lsn, .. } => self.push_marker(end_lsn),
             Output::Message(m) => {
-                if !m.prefix.starts_with(MESSAGE_PREFIX) {
+                if m.prefix == snapshot::WATERMARK_PREFIX {
+                    self.on_watermark(&m.content, m.lsn).await?;
+                } else if !m.prefix.starts_with(MESSAGE_PREFIX) {
                     tracing::trace!(prefix = %m.prefix, "ignoring logical message");
                 }
             }
@@ -463,6 +557,7 @@ impl<'a> Pipeline<'a> {
         self.in_flight.push_back(InFlight {
             ticket: Some(ticket),
             confirm,
+            progress: None,
             acked: false,
             sent_at: Instant::now(),
         });
@@ -472,6 +567,7 @@ impl<'a> Pipeline<'a> {
         self.in_flight.push_back(InFlight {
             ticket: None,
             confirm: Some(lsn),
+            progress: None,
             acked: true,
             sent_at: Instant::now(),
         });
@@ -490,13 +586,304 @@ impl<'a> Pipeline<'a> {
 
     fn pop_acked(&mut self) {
         while self.in_flight.front().is_some_and(|e| e.acked) {
-            if let Some(InFlight {
-                confirm: Some(lsn), ..
-            }) = self.in_flight.pop_front()
-            {
+            let Some(entry) = self.in_flight.pop_front() else {
+                break;
+            };
+            if let Some(lsn) = entry.confirm {
                 self.confirmed = self.confirmed.max(lsn);
             }
+            if let (Some((schema, table, progress)), Some(store)) =
+                (entry.progress, self.snapshots.store.clone())
+            {
+                // Durable in the stream: record it. Losing this write only repeats a chunk.
+                tokio::spawn(async move {
+                    if let Err(e) = store.put(&schema, &table, &progress).await {
+                        tracing::warn!(error = %e, table = %table, "recording snapshot progress failed");
+                    }
+                });
+            }
         }
+    }
+
+    fn push_progress(&mut self, schema: &str, table: &str, progress: Progress) {
+        self.in_flight.push_back(InFlight {
+            ticket: None,
+            confirm: None,
+            progress: Some((schema.to_string(), table.to_string(), progress)),
+            acked: true,
+            sent_at: Instant::now(),
+        });
+        self.pop_acked();
+    }
+
+    async fn on_control(&mut self, request: async_nats::Message) {
+        let answer = match serde_json::from_slice::<SnapshotRequest>(&request.payload) {
+            Err(e) => {
+                serde_json::json!({"error": format!("bad request: {e}; send {{\"table\": \"schema.table\"}}")})
+            }
+            Ok(req) => match self.request_snapshot(&req.table).await {
+                Ok(()) => serde_json::json!({"ok": true, "table": req.table}),
+                Err(message) => serde_json::json!({"error": message}),
+            },
+        };
+        if let Some(reply) = request.reply {
+            let body = serde_json::to_vec(&answer).unwrap_or_default();
+            if let Err(e) = self.sink.client().publish(reply, body.into()).await {
+                tracing::warn!(error = %e, "answering a control request failed");
+            }
+        }
+    }
+
+    /// Queues a (re-)snapshot of `name` (`schema.table`, one of the published tables).
+    async fn request_snapshot(&mut self, name: &str) -> Result<(), String> {
+        let (schema, table) = crate::subject::split_table_name(name)
+            .ok_or_else(|| format!("{name:?} is not schema.table"))?;
+        let published = self.cfg.postgres.tables.iter().any(|t| {
+            crate::subject::split_table_name(t).as_ref() == Some(&(schema.clone(), table.clone()))
+        });
+        if !published {
+            return Err(format!(
+                "{name} is not one of the published tables (postgres.tables)"
+            ));
+        }
+        let running = self
+            .snapshots
+            .current
+            .as_ref()
+            .is_some_and(|c| c.shape.schema == schema && c.shape.table == table);
+        if running
+            || self
+                .snapshots
+                .waiting
+                .contains(&(schema.clone(), table.clone()))
+        {
+            return Ok(());
+        }
+        if let Some(store) = &self.snapshots.store {
+            let progress = Progress {
+                state: "pending".into(),
+                requested_ms: crate::events::now_ms(),
+                ..Default::default()
+            };
+            store
+                .put(&schema, &table, &progress)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        tracing::info!(table = %name, "snapshot requested");
+        self.snapshots.waiting.push_back((schema, table));
+        Ok(())
+    }
+
+    async fn start_next_snapshot(&mut self) -> Result<(), ReaderError> {
+        let Some((schema, table)) = self.snapshots.waiting.pop_front() else {
+            return Ok(());
+        };
+        let Some(store) = self.snapshots.store.clone() else {
+            return Ok(());
+        };
+        let name = format!("{schema}.{table}");
+        let shape = match TableShape::load(&self.sql, &schema, &table).await {
+            Ok(shape) => shape,
+            Err(SnapshotError::Sql(e)) => return Err(e.into()),
+            Err(e) => {
+                tracing::error!(error = %e, "snapshot refused");
+                let failed = Progress {
+                    state: format!("failed: {e}"),
+                    ..Default::default()
+                };
+                let _ = store.put(&schema, &table, &failed).await;
+                return Ok(());
+            }
+        };
+        let mut progress = store
+            .get(&schema, &table)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if progress.state != "running" {
+            progress = Progress {
+                state: "running".into(),
+                requested_ms: progress.requested_ms,
+                ..Default::default()
+            };
+        }
+        if progress.estimate == 0 {
+            let estimate: i64 = self
+                .sql
+                .query_one(
+                    "SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::text::regclass",
+                    &[&crate::subject::quote_table(&schema, &table)],
+                )
+                .await?
+                .get(0);
+            progress.estimate = u64::try_from(estimate).unwrap_or(0);
+        }
+        tracing::info!(table = %name, resume_after = ?progress.last_key, estimate = progress.estimate, "snapshot starting");
+        let rows_at_start = progress.rows;
+        self.snapshots.current = Some(CurrentSnapshot {
+            shape,
+            progress,
+            chunk_id: 0,
+            chunk: None,
+            started: Instant::now(),
+            rows_at_start,
+        });
+        self.next_chunk();
+        Ok(())
+    }
+
+    /// Starts reading the current table's next chunk (low watermark, read, high watermark).
+    fn next_chunk(&mut self) {
+        let limit = self.cfg.snapshot.chunk_rows;
+        self.snapshots.next_chunk_id += 1;
+        let id = self.snapshots.next_chunk_id;
+        let sql = Arc::clone(&self.sql);
+        let Some(current) = self.snapshots.current.as_mut() else {
+            return;
+        };
+        let shape = current.shape.clone();
+        let last = current.progress.last_key.clone();
+        current.chunk_id = id;
+        current.chunk = Some(tokio::spawn(async move {
+            snapshot::read_chunk(&sql, &shape, last.as_deref(), limit, id).await
+        }));
+    }
+
+    async fn on_watermark(&mut self, content: &[u8], lsn: Lsn) -> Result<(), ReaderError> {
+        let text = String::from_utf8_lossy(content);
+        let Some((kind, id)) = text.split_once(':') else {
+            return Ok(());
+        };
+        let id: u64 = id.parse().unwrap_or(0);
+        let Some(current) = self.snapshots.current.as_mut() else {
+            return Ok(());
+        };
+        if current.chunk_id != id {
+            // A watermark of a chunk this attempt did not start (e.g. before a restart).
+            return Ok(());
+        }
+        match kind {
+            "low" => {
+                if current.progress.start_lsn.is_none() {
+                    current.progress.start_lsn = Some(lsn);
+                }
+                let keys = current.shape.key.iter().map(|(k, _)| k.clone()).collect();
+                let (schema, table) = (current.shape.schema.clone(), current.shape.table.clone());
+                self.builder.start_watch(&schema, &table, keys);
+            }
+            "high" => self.finish_chunk(lsn).await?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// At the high watermark: publish the chunk's rows that no change raced, record progress,
+    /// start the next chunk (or end the table's snapshot).
+    async fn finish_chunk(&mut self, high: Lsn) -> Result<(), ReaderError> {
+        let race = self.builder.take_watch().unwrap_or_default();
+        let at = self.builder.current_commit_lsn().unwrap_or(high);
+        let Some(current) = self.snapshots.current.as_mut() else {
+            return Ok(());
+        };
+        let Some(handle) = current.chunk.take() else {
+            return Ok(());
+        };
+        let rows = match tokio::time::timeout(CHUNK_WAIT, handle).await {
+            Ok(Ok(Ok(rows))) => rows,
+            Ok(Ok(Err(SnapshotError::Sql(e)))) => return Err(e.into()),
+            Ok(Ok(Err(e))) => {
+                return Err(ReplicationError::Protocol(format!("snapshot chunk: {e}")).into())
+            }
+            Ok(Err(e)) => {
+                return Err(ReplicationError::Protocol(format!("snapshot chunk task: {e}")).into())
+            }
+            Err(_) => {
+                return Err(ReplicationError::Protocol(
+                    "snapshot chunk read did not finish after its high watermark arrived".into(),
+                )
+                .into())
+            }
+        };
+        let shape = current.shape.clone();
+        let table_name = format!("{}.{}", shape.schema, shape.table);
+        if rows.rows.is_empty() {
+            // The table is done: close it.
+            let start = current.progress.start_lsn.unwrap_or(at);
+            let end = snapshot::encode_end(
+                self.builder.db(),
+                &self.cfg.nats.subject_prefix,
+                &shape,
+                start,
+                at,
+            );
+            let mut progress = current.progress.clone();
+            progress.state = "done".into();
+            let elapsed = current.started.elapsed().as_secs_f64().max(0.001);
+            let rate = (progress.rows - current.rows_at_start) as f64 / elapsed;
+            tracing::info!(table = %table_name, rows = progress.rows, rows_per_sec = rate as u64, "snapshot done");
+            self.snapshots.current = None;
+            self.publish_event(end).await?;
+            self.push_progress(&shape.schema, &shape.table, progress);
+            return Ok(());
+        }
+        let last_key: Vec<String> = rows
+            .rows
+            .last()
+            .map(|r| {
+                shape
+                    .key_index
+                    .iter()
+                    .map(|&i| r.get(i).cloned().flatten().unwrap_or_default())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let kept: Vec<Vec<Option<String>>> = if race.truncated {
+            Vec::new()
+        } else {
+            rows.rows
+                .into_iter()
+                .filter(|r| {
+                    let key: Vec<String> = shape
+                        .key_index
+                        .iter()
+                        .map(|&i| r.get(i).cloned().flatten().unwrap_or_default())
+                        .collect();
+                    !race.keys.contains(&key)
+                })
+                .collect()
+        };
+        let events = snapshot::encode_rows(
+            self.builder.db(),
+            &self.cfg.nats.subject_prefix,
+            &shape,
+            self.builder.types(),
+            &kept,
+            at,
+        );
+        let published = events.len() as u64;
+        for ev in events {
+            self.publish_event(ev).await?;
+        }
+        let Some(current) = self.snapshots.current.as_mut() else {
+            return Ok(());
+        };
+        current.progress.last_key = Some(last_key);
+        current.progress.rows += published;
+        let progress = current.progress.clone();
+        let elapsed = current.started.elapsed().as_secs_f64().max(0.001);
+        let rate = (progress.rows - current.rows_at_start) as f64 / elapsed;
+        tracing::info!(
+            table = %table_name,
+            rows = progress.rows,
+            estimate = progress.estimate,
+            rows_per_sec = rate as u64,
+            "snapshot progress"
+        );
+        self.push_progress(&shape.schema, &shape.table, progress);
+        self.next_chunk();
+        Ok(())
     }
 
     /// Fails the attempt when the oldest publish has waited longer than the PubAck timeout.

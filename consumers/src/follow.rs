@@ -261,7 +261,7 @@ impl<'a> Session<'a> {
 
     /// Asks the reader to re-snapshot every source table of this agent's views (best effort).
     async fn request_resnapshot(&self) {
-        let subject = format!("{}._control.snapshot", self.nats.subject_prefix);
+        let subject = cdc::reader::control_subject(&self.nats.subject_prefix);
         let mut tables: Vec<&str> = self
             .store
             .views()

@@ -114,9 +114,28 @@ impl Env {
         Ok(jetstream::new(client))
     }
 
-    /// Waits until the stream holds at least `count` change events, then returns all of them
-    /// (heartbeats left out) in stream order.
+    /// Waits until the stream holds at least `count` change events from the WAL, then returns
+    /// all of them in stream order (heartbeats and snapshot events left out).
     pub async fn wait_for_events(&self, count: usize, timeout: Duration) -> Result<Vec<Received>> {
+        self.wait_for(count, timeout, |r| !r.event.source.snapshot)
+            .await
+    }
+
+    /// Like [`Env::wait_for_events`], counting and returning snapshot events (`r`, `e`) too.
+    pub async fn wait_for_all_events(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Received>> {
+        self.wait_for(count, timeout, |_| true).await
+    }
+
+    async fn wait_for(
+        &self,
+        count: usize,
+        timeout: Duration,
+        keep: impl Fn(&Received) -> bool,
+    ) -> Result<Vec<Received>> {
         let js = self.jetstream().await?;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut events: Vec<Received> = Vec::new();
@@ -126,7 +145,7 @@ impl Env {
             if let Some(last) = batch.last_seq {
                 next_seq = last + 1;
             }
-            events.extend(batch.events);
+            events.extend(batch.events.into_iter().filter(|r| keep(r)));
             if events.len() >= count {
                 return Ok(events);
             }
