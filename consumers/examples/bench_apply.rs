@@ -20,6 +20,10 @@ use consumers::ViewStore;
 use futures::StreamExt;
 use serde_json::json;
 
+/// The allocator of the `view-agent` binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TX_SIZE: u64 = 5;
 
 fn view() -> ViewConfig {

@@ -1,20 +1,28 @@
-//! Read-path benchmark: a point query (`WHERE seller_id = $1`, prepared) from 8 concurrent
-//! tokio-postgres clients against the view agent over pgwire, and the same query against
-//! Postgres directly (the seed's synchronous approach), measured in the same run.
+//! Read-path benchmark: a point query (`WHERE seller_id = $1`, prepared, 5 rows) from 8
+//! concurrent tokio-postgres clients against the `view-agent` binary over pgwire, and the same
+//! query against Postgres directly (the seed's synchronous approach), measured in the same run.
+//! Besides queries/s and latency it prints the CPU time each server spent per query (the agent
+//! process; the 8 Postgres backends), which is what the servers cost independently of the
+//! clients sharing the machine.
 //!
-//! `cargo run --release -p consumers --example bench_read [-- SECONDS]`
+//! ```sh
+//! cargo build --release -p consumers --bins --examples
+//! ./target/release/examples/bench_read [SECONDS]      # BENCH_ONLY=agent|postgres for one side
+//! ```
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use async_nats::jetstream::{self, stream};
 use cdc::envelope::{ChangeEvent, Op, Source, TransactionInfo};
 use cdc::Lsn;
-use consumers::config::{AgentConfig, ApplyConfig, NatsConfig, PgwireConfig, ViewConfig};
-use consumers::Agent;
 use hdrhistogram::Histogram;
 use serde_json::json;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const CLIENTS: usize = 8;
 const SELLERS: i64 = 10_000;
@@ -26,15 +34,51 @@ async fn connect(conn: &str) -> Result<tokio_postgres::Client> {
     Ok(c)
 }
 
-/// Runs the point query from `CLIENTS` connections for `secs`; returns (qps, p50 µs, p99 µs).
-async fn run(conn: &str, sql: &str, secs: u64) -> Result<(f64, u64, u64)> {
+/// CPU time (user + system) of a process so far.
+fn cpu_of(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY-free: sysconf(_SC_CLK_TCK) is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+struct Outcome {
+    qps: f64,
+    p50: u64,
+    p99: u64,
+    /// CPU of the server per query, µs.
+    server_us: f64,
+    /// CPU of this (client) process per query, µs.
+    client_us: f64,
+}
+
+/// Runs the point query from `CLIENTS` connections for `secs`. `server_pids` returns the
+/// processes serving the given connections (called once they are open).
+async fn run(
+    conn: &str,
+    sql: &str,
+    secs: u64,
+    server_pids: impl AsyncFnOnce(&[tokio_postgres::Client]) -> Result<Vec<u32>>,
+) -> Result<Outcome> {
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(connect(conn).await?);
+    }
+    let pids = server_pids(&clients).await?;
+    let server_cpu = || pids.iter().map(|&p| cpu_of(p)).sum::<Duration>();
+    let (server0, client0) = (server_cpu(), cpu_of(std::process::id()));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
     let mut tasks = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    for c in 0..CLIENTS {
-        let conn = conn.to_owned();
+    for (c, client) in clients.into_iter().enumerate() {
         let sql = sql.to_owned();
         tasks.push(tokio::spawn(async move {
-            let client = connect(&conn).await?;
             let stmt = client.prepare(&sql).await?;
             let mut h = Histogram::<u64>::new(3)?;
             let mut seller = c as i64 * 7;
@@ -56,19 +100,42 @@ async fn run(conn: &str, sql: &str, secs: u64) -> Result<(f64, u64, u64)> {
     for t in tasks {
         all.add(t.await??)?;
     }
-    Ok((
-        all.len() as f64 / secs as f64,
-        all.value_at_quantile(0.5),
-        all.value_at_quantile(0.99),
-    ))
+    let elapsed = start.elapsed();
+    let n = all.len() as f64;
+    let server = server_cpu().saturating_sub(server0);
+    let client = cpu_of(std::process::id()).saturating_sub(client0);
+    Ok(Outcome {
+        qps: n / elapsed.as_secs_f64(),
+        p50: all.value_at_quantile(0.5),
+        p99: all.value_at_quantile(0.99),
+        server_us: server.as_micros() as f64 / n,
+        client_us: client.as_micros() as f64 / n,
+    })
 }
 
-#[tokio::main]
+fn agent_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(|examples| examples.parent())
+        .map(|dir| dir.join("view-agent"))
+        .context("locating the view-agent binary")?;
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release -p consumers --bins --examples` first",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let secs: u64 = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(5);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let agent_bin = agent_binary()?;
     // Postgres with the source table.
     let pg = testkit::Postgres::start().await?;
     let db = pg.create_database("bench").await?;
@@ -83,6 +150,7 @@ async fn main() -> Result<()> {
             SELLERS - 1
         ))
         .await?;
+    client.batch_execute("VACUUM top_clients").await?;
 
     // The agent with the same rows, fed through the stream.
     let nats = testkit::Nats::start().await?;
@@ -140,53 +208,101 @@ async fn main() -> Result<()> {
         last = a.await?.sequence;
     }
     let dir = tempfile::tempdir()?;
-    let agent = Agent::start(AgentConfig {
-        name: "bench".into(),
-        data_dir: dir.path().join("agent"),
-        nats: NatsConfig {
-            url: nats.url(),
-            stream: "CDC".into(),
-            subject_prefix: "cdc".into(),
-        },
-        pgwire: PgwireConfig {
-            listen: "127.0.0.1:0".into(),
-            ..PgwireConfig::default()
-        },
-        apply: ApplyConfig::default(),
-        views: vec![ViewConfig {
-            name: "top_clients_by_seller".into(),
-            source: "public.top_clients".into(),
-            key: vec!["seller_id".into()],
-            primary_key: vec!["seller_id".into(), "client_id".into()],
-            columns: Some(vec!["client_id".into(), "name".into(), "position".into()]),
-            column_types: [
-                ("seller_id".to_owned(), "int8".to_owned()),
-                ("client_id".to_owned(), "int8".to_owned()),
-                ("position".to_owned(), "int4".to_owned()),
-            ]
-            .into(),
-        }],
-    })
-    .await?;
-    let store = Arc::clone(agent.store());
-    let mut progress = store.subscribe();
-    progress.wait_for(|p| p.applied_seq >= last).await?;
-    let port = agent.pgwire_addr().map(|a| a.port()).unwrap_or_default();
-
+    let port = testkit::free_port();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"name = "bench"
+data_dir = "{data}"
+[nats]
+url = "{url}"
+[pgwire]
+listen = "127.0.0.1:{port}"
+[[views]]
+name = "top_clients_by_seller"
+source = "public.top_clients"
+key = ["seller_id"]
+primary_key = ["seller_id", "client_id"]
+columns = ["client_id", "name", "position"]
+column_types = {{ seller_id = "int8", client_id = "int8", position = "int4" }}
+"#,
+            data = dir.path().join("agent").display(),
+            url = nats.url(),
+        ),
+    )?;
+    let mut cmd = Command::new(&agent_bin);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn");
+    let mut agent = testkit::spawn_logged(cmd, "view-agent")?;
+    agent
+        .wait_for_output("view-agent ready", Duration::from_secs(30))
+        .await?;
     let agent_conn = format!("host=127.0.0.1 port={port} user=bench dbname=views");
+    let status = connect(&agent_conn).await?;
+    testkit::until(
+        Duration::from_secs(120),
+        "the agent to apply the rows",
+        || async {
+            let row = status
+                .query_one("SELECT applied_seq FROM cdc_status", &[])
+                .await
+                .ok()?;
+            (row.get::<_, i64>(0) as u64 >= last).then_some(())
+        },
+    )
+    .await?;
+    drop(status);
+    let agent_pid = agent.pid();
+
     let pg_url = pg.url(&db);
     let sql_agent =
         "SELECT client_id, name, position FROM top_clients_by_seller WHERE seller_id = $1";
     let sql_pg =
         "SELECT client_id, name, position FROM top_clients WHERE seller_id = $1 ORDER BY client_id";
-    let (aq, a50, a99) = run(&agent_conn, sql_agent, secs).await?;
-    let (pq, p50, p99) = run(&pg_url, sql_pg, secs).await?;
-    println!("point query, {CLIENTS} concurrent clients, {secs} s each, {} rows/query, {SELLERS} sellers", PER_SELLER);
-    println!("| target | queries/s | p50 | p99 |");
-    println!("|---|---:|---:|---:|");
-    println!("| view-agent over pgwire | {aq:>9.0} | {a50} µs | {a99} µs |");
-    println!("| Postgres directly (synchronous approach) | {pq:>9.0} | {p50} µs | {p99} µs |");
-    println!("| ratio | {:.2}x | | |", aq / pq);
-    agent.shutdown().await?;
+    let skipped = || Outcome {
+        qps: f64::NAN,
+        p50: 0,
+        p99: 0,
+        server_us: f64::NAN,
+        client_us: f64::NAN,
+    };
+    let a = if only != "postgres" {
+        run(&agent_conn, sql_agent, secs, async |_| Ok(vec![agent_pid])).await?
+    } else {
+        skipped()
+    };
+    let p = if only != "agent" {
+        run(&pg_url, sql_pg, secs, async |clients| {
+            let mut pids = Vec::new();
+            for c in clients {
+                let row = c.query_one("SELECT pg_backend_pid()", &[]).await?;
+                pids.push(row.get::<_, i32>(0) as u32);
+            }
+            Ok(pids)
+        })
+        .await?
+    } else {
+        skipped()
+    };
+    println!(
+        "point query, {CLIENTS} concurrent clients, {secs} s each, {PER_SELLER} rows/query, {SELLERS} sellers"
+    );
+    println!("| target | queries/s | p50 | p99 | server CPU/query | client CPU/query |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, o) in [
+        ("view-agent over pgwire", &a),
+        ("Postgres directly (synchronous approach)", &p),
+    ] {
+        println!(
+            "| {name} | {:.0} | {} µs | {} µs | {:.1} µs | {:.1} µs |",
+            o.qps, o.p50, o.p99, o.server_us, o.client_us
+        );
+    }
+    println!("| ratio agent / Postgres | {:.2}x | | | | |", a.qps / p.qps);
+    agent.signal(testkit::Signal::Term)?;
+    agent.wait_with_timeout(Duration::from_secs(10)).await?;
     Ok(())
 }

@@ -11,19 +11,22 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cdc::Lsn;
-use futures::{stream, Sink, SinkExt};
+use futures::{stream, Sink, SinkExt, StreamExt};
 use pgwire::api::auth::md5pass::{hash_md5_password, Md5PasswordAuthStartupHandler};
 use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::auth::{
     AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
 };
-use pgwire::api::portal::{Format, Portal};
+use pgwire::api::portal::{Format, Portal, PortalExecutionState};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
-use pgwire::api::store::PortalStore;
-use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
+use pgwire::api::store::{Entry, PortalStore};
+use pgwire::api::{
+    ClientInfo, ClientPortalStore, PgWireConnectionState, PgWireServerHandlers, Type, DEFAULT_NAME,
+};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::extendedquery::{Bind, BindComplete, Execute};
 use pgwire::messages::response::NoticeResponse;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use serde_json::Value;
@@ -542,6 +545,20 @@ impl SimpleQueryHandler for QueryService {
     }
 }
 
+fn response_kind(r: &Response) -> &'static str {
+    match r {
+        Response::EmptyQuery => "empty",
+        Response::Query(_) => "query",
+        Response::Execution(_) => "execution",
+        Response::TransactionStart(_) => "transaction start",
+        Response::TransactionEnd(_) => "transaction end",
+        Response::Error(_) => "error",
+        Response::CopyIn(_) => "copy in",
+        Response::CopyOut(_) => "copy out",
+        Response::CopyBoth(_) => "copy both",
+    }
+}
+
 fn bind_params(portal: &Portal<Plan>) -> PgWireResult<Vec<Value>> {
     let server_types = portal.statement.statement.param_types();
     (0..portal.parameter_len())
@@ -583,6 +600,112 @@ impl ExtendedQueryHandler for QueryService {
 
     fn query_parser(&self) -> Arc<PlanParser> {
         self.parser.clone()
+    }
+
+    /// Like pgwire's default, but `BindComplete` is only buffered: the whole reply to
+    /// Bind/Execute/Sync then leaves in one write at Sync (pgwire flushes after each message).
+    async fn on_bind<C>(&self, client: &mut C, message: Bind) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let statement_name = message.statement_name.as_deref().unwrap_or(DEFAULT_NAME);
+        match client.portal_store().get_statement(statement_name) {
+            Some(Entry::Value(statement)) => {
+                let portal = Portal::try_new(&message, statement)?;
+                client.portal_store().put_portal(Arc::new(portal));
+            }
+            Some(Entry::Empty) => {
+                if !message.parameters.is_empty() {
+                    return Err(user_error(
+                        "08P01",
+                        format!(
+                            "bind message supplies {} parameters, but prepared statement {statement_name:?} requires 0",
+                            message.parameters.len()
+                        ),
+                    ));
+                }
+                let portal_name = message.portal_name.as_deref().unwrap_or(DEFAULT_NAME);
+                client.portal_store().put_empty_portal(portal_name);
+            }
+            None => return Err(PgWireError::StatementNotFound(statement_name.to_owned())),
+        }
+        client
+            .feed(PgWireBackendMessage::BindComplete(BindComplete::new()))
+            .await?;
+        Ok(())
+    }
+
+    /// The common case, a fresh portal executed for all its rows, answers with buffered
+    /// messages (flushed once at Sync); anything else takes pgwire's default path.
+    async fn on_execute<C>(&self, client: &mut C, message: Execute) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if message.max_rows != 0 || !matches!(client.state(), PgWireConnectionState::ReadyForQuery)
+        {
+            return self._on_execute(client, message).await;
+        }
+        let portal_name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
+        let portal = match client.portal_store().get_portal(portal_name) {
+            Some(Entry::Value(portal)) => portal,
+            _ => return self._on_execute(client, message).await,
+        };
+        {
+            let state = portal.state();
+            let mut state = state.lock().await;
+            if !matches!(*state, PortalExecutionState::Initial) {
+                drop(state);
+                return self._on_execute(client, message).await;
+            }
+            // Executed for all its rows: a repeated Execute returns nothing, like Postgres.
+            *state = PortalExecutionState::Finished;
+        }
+        client.set_state(PgWireConnectionState::QueryInProgress);
+        let params = bind_params(&portal)?;
+        let response = self
+            .execute(
+                client,
+                &portal.statement.statement,
+                &params,
+                &portal.result_column_format,
+            )
+            .await?;
+        match response {
+            Response::Query(mut results) => {
+                let tag = results.command_tag().to_owned();
+                let mut rows = 0;
+                let data_rows = results.data_rows();
+                while let Some(row) = data_rows.next().await {
+                    client.feed(PgWireBackendMessage::DataRow(row?)).await?;
+                    rows += 1;
+                }
+                client
+                    .feed(PgWireBackendMessage::CommandComplete(
+                        Tag::new(&tag).with_rows(rows).into(),
+                    ))
+                    .await?;
+            }
+            Response::Execution(tag) => {
+                client
+                    .feed(PgWireBackendMessage::CommandComplete(tag.into()))
+                    .await?;
+            }
+            Response::Error(e) => return Err(PgWireError::UserError(e)),
+            other => {
+                return Err(user_error(
+                    "XX000",
+                    format!("unexpected response kind {}", response_kind(&other)),
+                ))
+            }
+        }
+        client.set_state(PgWireConnectionState::ReadyForQuery);
+        Ok(())
     }
 
     async fn do_query<C>(

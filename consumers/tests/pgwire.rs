@@ -62,6 +62,35 @@ async fn tokio_postgres_simple_and_extended() -> Result<()> {
         .query(&format!("SELECT * FROM {VIEW} LIMIT 3"), &[])
         .await?;
     assert_eq!(rows.len(), 3);
+    // Portals read in pieces (Execute with a row limit, as JDBC's fetch size does), and an
+    // error in the middle of a pipeline of extended messages.
+    let mut pg2 = pg_connect(agent.pgwire_addr().expect("pgwire").port()).await?;
+    let tx = pg2.transaction().await?;
+    let stmt = tx.prepare(&format!("SELECT client_id FROM {VIEW}")).await?;
+    let portal = tx.bind(&stmt, &[]).await?;
+    let first = tx.query_portal(&portal, 3).await?;
+    let rest = tx.query_portal(&portal, 3).await?;
+    let ids: Vec<i64> = first.iter().chain(&rest).map(|r| r.get(0)).collect();
+    assert_eq!(ids, vec![70, 71, 80, 90]);
+    assert!(tx.query_portal(&portal, 3).await?.is_empty());
+    tx.commit().await?;
+    let err = pg2
+        .query(
+            &format!("SELECT nope FROM {VIEW} WHERE seller_id = $1"),
+            &[&7i64],
+        )
+        .await
+        .expect_err("unknown column");
+    assert_eq!(err.code().map(|c| c.code()), Some("42703"));
+    assert_eq!(
+        pg2.query(
+            &format!("SELECT name FROM {VIEW} WHERE seller_id = $1"),
+            &[&8i64]
+        )
+        .await?
+        .len(),
+        1
+    );
     // Simple protocol: text results.
     let msgs = pg
         .simple_query(&format!("SELECT name FROM {VIEW} WHERE seller_id = 7"))
