@@ -153,6 +153,20 @@ async fn run_once(
     let slot_state = setup::prepare(&sql, &pg.tables, &pg.publication, &pg.slot).await?;
     // Snapshot reads render values as pgoutput does.
     sql.batch_execute(snapshot::SESSION_SETTINGS).await?;
+    // The slot first: from here on Postgres keeps every change for us, even while NATS is
+    // unreachable and this attempt fails below.
+    let mut session = ReplicationSession::new(target.connect_replication().await?);
+    let ident = session.identify_system().await?;
+    if slot_state == SlotState::Missing {
+        match session.create_slot(&pg.slot).await {
+            Ok(at) => {
+                tracing::info!(slot = %pg.slot, consistent_point = %at, "created replication slot")
+            }
+            // Created by a racing reader; START_REPLICATION will sort out who owns it.
+            Err(e) if e.code() == Some("42710") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let mut sink = StreamSink::connect(&cfg.nats, cfg.ack_timeout()).await?;
     let resume = sink.resume_point().await?;
     let progress = ProgressStore::open(sink.jetstream(), &cfg.nats.stream, cfg.nats.replicas)
@@ -187,18 +201,6 @@ async fn run_once(
         };
         if wanted {
             waiting.push_back((schema, table));
-        }
-    }
-    let mut session = ReplicationSession::new(target.connect_replication().await?);
-    let ident = session.identify_system().await?;
-    if slot_state == SlotState::Missing {
-        match session.create_slot(&pg.slot).await {
-            Ok(at) => {
-                tracing::info!(slot = %pg.slot, consistent_point = %at, "created replication slot")
-            }
-            // Created by a racing reader; START_REPLICATION will sort out who owns it.
-            Err(e) if e.code() == Some("42710") => {}
-            Err(e) => return Err(e.into()),
         }
     }
     let stream = session.start(&pg.slot, &pg.publication, Lsn::ZERO).await?;

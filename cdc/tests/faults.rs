@@ -178,3 +178,24 @@ async fn nats_and_postgres_restarts_lose_and_duplicate_nothing() -> Result<()> {
     ensure!(reader.is_running(), "reader exited: {}", reader.describe());
     result
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_unreachable_at_start_is_retried_and_logged() -> Result<()> {
+    let mut env = Env::start(SCHEMA, &["public.w"]).await?;
+    env.nats.stop().await?;
+    let mut reader = env.spawn_reader()?;
+    reader
+        .wait_for_output("is unreachable", Duration::from_secs(30))
+        .await?;
+    ensure!(reader.is_running(), "reader gave up: {}", reader.describe());
+    let sql = env.sql().await?;
+    let expected = workload(&sql, 1, 50).await?;
+    env.nats.start_again().await?;
+    reader
+        .wait_for_output("streaming", Duration::from_secs(60))
+        .await?;
+    let got = env
+        .wait_for_events(expected.len(), Duration::from_secs(60))
+        .await?;
+    check_exactly_once(&got, &expected)
+}
