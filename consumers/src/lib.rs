@@ -12,6 +12,7 @@ pub mod agent;
 pub mod config;
 pub mod follow;
 pub mod keys;
+pub mod row;
 pub mod server;
 pub mod sql;
 pub mod store;
@@ -19,7 +20,7 @@ pub mod store;
 pub use agent::{Agent, AgentError};
 pub use config::{AgentConfig, ViewConfig};
 pub use store::{
-    Progress, QueryError, ReadResult, SourceTransaction, StoreError, ViewStatus, ViewStore,
+    Progress, QueryError, RawRead, ReadResult, SourceTransaction, StoreError, ViewStatus, ViewStore,
 };
 
 /// Resolves once `shutdown` holds `true` (or its sender is gone).

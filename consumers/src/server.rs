@@ -35,6 +35,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::PgwireConfig;
+use crate::row::Field;
 use crate::sql::{self, Operand, Plan, SelectPlan, SqlError, STATUS_COLUMNS};
 use crate::store::{QueryError, ViewStore};
 
@@ -242,6 +243,37 @@ fn encode(enc: &mut DataRowEncoder, ty: &str, col: &str, v: Option<&Value>) -> P
     }
 }
 
+/// Encodes one stored field as a field of Postgres type `ty` (the fast path of [`encode`]).
+fn encode_stored(enc: &mut DataRowEncoder, ty: &str, col: &str, f: Field<'_>) -> PgWireResult<()> {
+    let mismatch = || {
+        user_error(
+            "22P02",
+            format!(
+                "column {col:?} holds {}, which is not {ty}; fix the view's column_types",
+                f.to_value()
+            ),
+        )
+    };
+    match (ty, f) {
+        (_, Field::Null) => enc.encode_field(&None::<&str>),
+        ("int8", Field::Int(i)) => enc.encode_field(&i),
+        ("int4", Field::Int(i)) => enc.encode_field(&i32::try_from(i).map_err(|_| mismatch())?),
+        ("int2", Field::Int(i)) => enc.encode_field(&i16::try_from(i).map_err(|_| mismatch())?),
+        ("float8", Field::Float(x)) => enc.encode_field(&x),
+        ("float8", Field::Int(i)) => enc.encode_field(&(i as f64)),
+        ("float8", Field::UInt(u)) => enc.encode_field(&(u as f64)),
+        ("bool", Field::Bool(b)) => enc.encode_field(&b),
+        ("int8" | "int4" | "int2" | "float8" | "bool", Field::Str(_)) => {
+            encode(enc, ty, col, Some(&f.to_value()))
+        }
+        ("int8" | "int4" | "int2" | "float8" | "bool", _) => Err(mismatch()),
+        (_, Field::Str(s) | Field::Json(s)) => enc.encode_field(&s),
+        (_, Field::Int(i)) => enc.encode_field(&i.to_string()),
+        (_, Field::Bool(b)) => enc.encode_field(&if b { "true" } else { "false" }),
+        (_, Field::UInt(_) | Field::Float(_)) => enc.encode_field(&f.to_value().to_string()),
+    }
+}
+
 /// Executes plans against a [`ViewStore`]; shared by both query protocols.
 #[derive(Debug)]
 pub struct QueryService {
@@ -416,7 +448,7 @@ impl QueryService {
             .is_some_and(|v| matches!(v.as_str(), "on" | "true" | "1" | "yes"));
         let result = self
             .store
-            .lookup(&s.view, &keys, limit, allow_stale)
+            .read(&s.view, &keys, limit, allow_stale)
             .map_err(query_error)?;
         if let Some(reason) = &result.stale {
             let notice = ErrorInfo::new(
@@ -432,20 +464,43 @@ impl QueryService {
         }
         let fields = Arc::new(schema(plan, format));
         let mut enc = DataRowEncoder::new(fields.clone());
-        let whole_row = self
-            .store
-            .view(&s.view)
-            .is_some_and(|v| v.config.columns.is_none());
-        let mut rows = Vec::with_capacity(result.rows.len());
-        for row in &result.rows {
-            for (c, t) in s.columns.iter().zip(&s.types) {
-                if whole_row && c == crate::store::WHOLE_ROW_COLUMN {
-                    encode(&mut enc, t, c, Some(&Value::Object(row.clone())))?;
-                } else {
-                    encode(&mut enc, t, c, row.get(c))?;
+        let view = result.view;
+        let corrupt = |e: crate::store::StoreError| query_error(QueryError::Store(e));
+        let mut rows = Vec::with_capacity(result.values.len());
+        if view.whole_row() {
+            for value in &result.values {
+                let (_, row) = view.decode(value).map_err(corrupt)?;
+                for (c, t) in s.columns.iter().zip(&s.types) {
+                    if c == crate::store::WHOLE_ROW_COLUMN {
+                        encode(&mut enc, t, c, Some(&Value::Object(row.clone())))?;
+                    } else {
+                        encode(&mut enc, t, c, row.get(c))?;
+                    }
                 }
+                rows.push(Ok(enc.take_row()));
             }
-            rows.push(Ok(enc.take_row()));
+        } else {
+            // Straight from the stored bytes: no JSON, no maps.
+            let positions = s
+                .columns
+                .iter()
+                .map(|c| {
+                    view.stored_position(c).ok_or_else(|| {
+                        user_error(
+                            "42703",
+                            format!("column {c:?} does not exist in view {:?}", s.view),
+                        )
+                    })
+                })
+                .collect::<PgWireResult<Vec<usize>>>()?;
+            let mut stored = Vec::new();
+            for value in &result.values {
+                view.fields(value, &mut stored).map_err(corrupt)?;
+                for ((&pos, c), t) in positions.iter().zip(&s.columns).zip(&s.types) {
+                    encode_stored(&mut enc, t, c, stored[pos])?;
+                }
+                rows.push(Ok(enc.take_row()));
+            }
         }
         Ok(Response::Query(QueryResponse::new(
             fields,

@@ -1,15 +1,24 @@
 //! The sled store of an agent's views: apply whole source transactions atomically, read at one
 //! applied point.
 //!
-//! # Layout (one sled tree, one `apply_batch` per group of source transactions)
+//! # Layout (sled tree `views2`, one `apply_batch` per group of source transactions)
 //! - `m\0seq`, `m\0lsn`, `m\0hb`: applied stream sequence, applied commit LSN, last heartbeat LSN
 //!   (u64 big-endian). Written in the same batch as the rows they describe, so a crash at any
 //!   point resumes exactly where the durable state says.
 //! - `m\0stale\0<view>`: why a view is stale (UTF-8); `m\0def\0<view>`: the view definition the
-//!   rows were built with.
-//! - `k<view>\0 enc(key…) enc(pk…)` → 8-byte write LSN + JSON row (projected, plus key and
-//!   primary-key columns). A lookup is a prefix scan; rows of one key come ordered by primary key.
-//! - `p<view>\0 enc(pk…)` → the `k…` key of that row, to find a row by its source identity.
+//!   rows were built with; `m\0vid\0<view>`: the view's 2-byte id used in row keys.
+//! - `k <id> enc(key…) enc(pk…)` → 8-byte write LSN + the row. When every key column is part of
+//!   the primary key, only the primary-key columns not already in the key follow it (they order
+//!   rows of one key exactly as the whole primary key would), which keeps typical keys within
+//!   sled's 22-byte inline limit. The row is the compact encoding of the view's stored columns
+//!   (key, primary key, projection; see [`crate::row`]), or JSON for views that keep whole rows.
+//!   A lookup is a prefix scan; rows of one key come ordered by primary key.
+//! - `p <id> enc(pk…)` → the `k…` key of that row, to find a row by its source identity; only
+//!   kept when the key is not part of the primary key.
+//!
+//! Stores written by earlier versions (tree `views`, view names in keys, JSON rows) are dropped
+//! on open; the agent then rebuilds its views from the stream (or marks them stale if retention
+//! removed the history).
 //!
 //! # Isolation
 //! sled has no snapshots, so a [`RwLock`] gates the store: the apply step takes it exclusively
@@ -24,6 +33,7 @@
 //! the snapshot nor touched by a live change since it began, so they no longer exist at the source
 //! and are removed.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Mutex, PoisonError, RwLock};
@@ -45,6 +55,11 @@ const META_LSN: &[u8] = b"m\0lsn";
 const META_HB: &[u8] = b"m\0hb";
 const META_STALE: &[u8] = b"m\0stale\0";
 const META_DEF: &[u8] = b"m\0def\0";
+const META_VID: &[u8] = b"m\0vid\0";
+/// The sled tree of this store format.
+const TREE: &str = "views2";
+/// Trees of earlier formats, dropped on open.
+const OLD_TREES: &[&str] = &["views"];
 
 /// Errors of the store layer.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +156,32 @@ pub struct ReadResult {
     pub truncated: bool,
 }
 
+/// The result of a read as stored values (8-byte LSN + row), for callers that encode rows
+/// themselves (the pgwire server); [`RawRead::rows`] decodes them.
+#[derive(Debug)]
+pub struct RawRead<'s> {
+    /// The view read.
+    pub view: &'s View,
+    /// Stored values, ordered by (key, primary key).
+    pub values: Vec<sled::IVec>,
+    /// The applied point of the read.
+    pub as_of: Progress,
+    /// Set when the view is stale (only returned by reads that allow stale data).
+    pub stale: Option<String>,
+    /// True when the row cap cut the result.
+    pub truncated: bool,
+}
+
+impl RawRead<'_> {
+    /// The rows as JSON objects.
+    pub fn rows(&self) -> Result<Vec<Row>, StoreError> {
+        self.values
+            .iter()
+            .map(|v| self.view.decode(v).map(|(_, r)| r))
+            .collect()
+    }
+}
+
 /// A whole source transaction (or a lone snapshot row) read from the stream.
 #[derive(Clone, Debug)]
 pub struct SourceTransaction {
@@ -157,21 +198,22 @@ pub struct View {
     pub config: ViewConfig,
     row_prefix: Vec<u8>,
     pk_prefix: Vec<u8>,
-    /// Columns of the stored row (key, primary key, projection) or `None` = whole row.
+    /// Columns of the stored row (key, primary key, projection) or `None` = whole row (JSON).
     stored: Option<Vec<String>>,
+    /// Positions of the key and primary-key columns in `stored`.
+    key_pos: Vec<usize>,
+    pk_pos: Vec<usize>,
     /// Positions of the key columns inside the primary key, when every key column is part of
     /// it: then a row's sled key follows from its primary key and no `p…` index is kept.
     key_in_pk: Option<Vec<usize>>,
+    /// With `key_in_pk`: the primary-key positions not in the key (what follows the key).
+    pk_rest: Vec<usize>,
 }
 
 impl View {
-    fn new(config: ViewConfig) -> View {
-        let mut row_prefix = vec![b'k'];
-        row_prefix.extend_from_slice(config.name.as_bytes());
-        row_prefix.push(0);
-        let mut pk_prefix = vec![b'p'];
-        pk_prefix.extend_from_slice(config.name.as_bytes());
-        pk_prefix.push(0);
+    fn new(config: ViewConfig, id: u16) -> View {
+        let row_prefix = vec![b'k', (id >> 8) as u8, id as u8];
+        let pk_prefix = vec![b'p', (id >> 8) as u8, id as u8];
         let stored = config.columns.as_ref().map(|cols| {
             let mut all: Vec<String> = Vec::new();
             for c in config.key.iter().chain(&config.primary_key).chain(cols) {
@@ -181,23 +223,85 @@ impl View {
             }
             all
         });
+        let position = |c: &String| {
+            stored
+                .as_ref()
+                .and_then(|s| s.iter().position(|x| x == c))
+                .unwrap_or(0)
+        };
+        let key_pos = config.key.iter().map(position).collect();
+        let pk_pos = config.primary_key.iter().map(position).collect();
         let key_in_pk = config
             .key
             .iter()
             .map(|k| config.primary_key.iter().position(|p| p == k))
             .collect::<Option<Vec<usize>>>();
+        let pk_rest = match &key_in_pk {
+            Some(pos) => (0..config.primary_key.len())
+                .filter(|i| !pos.contains(i))
+                .collect(),
+            None => Vec::new(),
+        };
         View {
             config,
             row_prefix,
             pk_prefix,
             stored,
+            key_pos,
+            pk_pos,
             key_in_pk,
+            pk_rest,
         }
     }
 
     /// The view's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// True when the view keeps whole source rows (as JSON) rather than a projection.
+    pub fn whole_row(&self) -> bool {
+        self.stored.is_none()
+    }
+
+    /// The position of `column` in the compact stored row (projection views only).
+    pub fn stored_position(&self, column: &str) -> Option<usize> {
+        self.stored.as_ref()?.iter().position(|c| c == column)
+    }
+
+    /// Decodes the fields of a stored value (8-byte LSN + compact row) of a projection view
+    /// into `out`, in stored-column order.
+    pub fn fields<'a>(
+        &self,
+        value: &'a [u8],
+        out: &mut Vec<crate::row::Field<'a>>,
+    ) -> Result<(), StoreError> {
+        let n = self.stored.as_ref().map_or(0, Vec::len);
+        let body = value
+            .get(8..)
+            .ok_or_else(|| StoreError::Corrupt("row value shorter than 8 bytes".into()))?;
+        crate::row::decode_into(body, n, out).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Decodes a stored value into its write LSN and the row as a JSON object.
+    pub fn decode(&self, value: &[u8]) -> Result<(Lsn, Row), StoreError> {
+        if value.len() < 8 {
+            return Err(StoreError::Corrupt("row value shorter than 8 bytes".into()));
+        }
+        let lsn = Lsn(u64_of(&value[..8])?);
+        let row = match &self.stored {
+            None => serde_json::from_slice(&value[8..])
+                .map_err(|e| StoreError::Corrupt(format!("row value is not JSON: {e}")))?,
+            Some(cols) => {
+                let mut fields = Vec::with_capacity(cols.len());
+                self.fields(value, &mut fields)?;
+                cols.iter()
+                    .zip(fields)
+                    .map(|(c, f)| (c.clone(), f.to_value()))
+                    .collect()
+            }
+        };
+        Ok((lsn, row))
     }
 
     /// Columns a `SELECT *` returns: key columns, then the projection (or `row`, the whole row
@@ -227,7 +331,8 @@ impl View {
     }
 
     fn pk_key(&self, pk: &[&Value]) -> Vec<u8> {
-        let mut k = self.pk_prefix.clone();
+        let mut k = Vec::with_capacity(self.pk_prefix.len() + 9 * pk.len());
+        k.extend_from_slice(&self.pk_prefix);
         keys::encode_tuple(&mut k, pk.iter().copied());
         k
     }
@@ -245,11 +350,8 @@ impl View {
         pending: &Pending<'_>,
         pk: &[&Value],
     ) -> Result<Option<KeyValue>, PendingError> {
-        let row_key = match &self.key_in_pk {
-            Some(pos) => {
-                let key: Vec<&Value> = pos.iter().map(|&i| pk[i]).collect();
-                self.row_key(&key, pk)
-            }
+        let row_key = match self.derived_row_key(pk) {
+            Some(rk) => rk,
             None => match pending.get(&self.pk_key(pk))? {
                 Some(rk) => rk,
                 None => return Ok(None),
@@ -259,10 +361,33 @@ impl View {
     }
 
     fn row_key(&self, key: &[&Value], pk: &[&Value]) -> Vec<u8> {
-        let mut k = self.row_prefix.clone();
+        let mut k = Vec::with_capacity(self.row_prefix.len() + 9 * (key.len() + pk.len()));
+        k.extend_from_slice(&self.row_prefix);
         keys::encode_tuple(&mut k, key.iter().copied());
-        keys::encode_tuple(&mut k, pk.iter().copied());
+        match &self.key_in_pk {
+            Some(_) => keys::encode_tuple(&mut k, self.pk_rest.iter().map(|&i| pk[i])),
+            None => keys::encode_tuple(&mut k, pk.iter().copied()),
+        }
         k
+    }
+
+    /// The primary key of a stored row (for index maintenance).
+    fn stored_pk(&self, value: &[u8]) -> Result<Option<Vec<Value>>, StoreError> {
+        match &self.stored {
+            Some(_) => {
+                let mut fields = Vec::new();
+                self.fields(value, &mut fields)?;
+                Ok(Some(
+                    self.pk_pos.iter().map(|&i| fields[i].to_value()).collect(),
+                ))
+            }
+            None => {
+                let (_, row) = self.decode(value)?;
+                Ok(values_of(&row, &self.config.primary_key)
+                    .ok()
+                    .map(|v| v.into_iter().cloned().collect()))
+            }
+        }
     }
 }
 
@@ -276,7 +401,8 @@ pub struct ViewStore {
     path: String,
     views: Vec<View>,
     by_name: HashMap<String, usize>,
-    by_table: HashMap<String, Vec<usize>>,
+    /// schema → table → views of that source table.
+    by_table: HashMap<String, HashMap<String, Vec<usize>>>,
     /// Exclusive around `apply_batch`, shared around a query's reads (see module docs).
     read_gate: RwLock<()>,
     stale: Mutex<Vec<Option<String>>>,
@@ -305,24 +431,6 @@ fn meta_key(prefix: &[u8], view: &str) -> Vec<u8> {
     k
 }
 
-fn decode_row(v: &[u8]) -> Result<(Lsn, Row), StoreError> {
-    if v.len() < 8 {
-        return Err(StoreError::Corrupt("row value shorter than 8 bytes".into()));
-    }
-    let lsn = Lsn(u64_of(&v[..8])?);
-    let row = serde_json::from_slice(&v[8..])
-        .map_err(|e| StoreError::Corrupt(format!("row value is not JSON: {e}")))?;
-    Ok((lsn, row))
-}
-
-fn encode_row(lsn: Lsn, row: &Row) -> Vec<u8> {
-    let mut v = Vec::with_capacity(64);
-    v.extend_from_slice(&lsn.0.to_be_bytes());
-    // Serializing a map of JSON values cannot fail.
-    let _ = serde_json::to_writer(&mut v, row);
-    v
-}
-
 impl ViewStore {
     /// Opens (or creates) the store in `config.data_dir` for the configured views.
     pub fn open(config: &AgentConfig) -> Result<ViewStore, StoreError> {
@@ -342,13 +450,66 @@ impl ViewStore {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(sled_err)?;
-        let tree = db.open_tree("views").map_err(sled_err)?;
-        let views: Vec<View> = views.iter().cloned().map(View::new).collect();
+        for old in OLD_TREES {
+            if db.tree_names().iter().any(|n| n.as_ref() == old.as_bytes()) {
+                tracing::warn!(
+                    path = %spath,
+                    "the store was written by an earlier view-agent version; its views are rebuilt from the stream"
+                );
+                db.drop_tree(old).map_err(sled_err)?;
+            }
+        }
+        let tree = db.open_tree(TREE).map_err(sled_err)?;
+        let mut batch = sled::Batch::default();
+        // View ids: stable across restarts and config reordering.
+        let mut used: Vec<u16> = Vec::new();
+        let mut ids: Vec<Option<u16>> = Vec::with_capacity(views.len());
+        for v in views {
+            let id = match tree.get(meta_key(META_VID, &v.name)).map_err(sled_err)? {
+                Some(b) if b.len() == 2 => Some(u16::from_be_bytes([b[0], b[1]])),
+                Some(_) => return Err(StoreError::Corrupt(format!("id of view {:?}", v.name))),
+                None => None,
+            };
+            ids.push(id);
+        }
+        for item in tree.scan_prefix(META_VID) {
+            let (_, b) = item.map_err(sled_err)?;
+            if b.len() == 2 {
+                used.push(u16::from_be_bytes([b[0], b[1]]));
+            }
+        }
+        let mut next_id = used.iter().max().map_or(0, |m| m.saturating_add(1));
+        let mut resolved = Vec::with_capacity(views.len());
+        for (v, id) in views.iter().zip(ids) {
+            let id = match id {
+                Some(id) => id,
+                None => {
+                    if next_id == u16::MAX {
+                        return Err(StoreError::Corrupt("more than 65535 view ids".into()));
+                    }
+                    let id = next_id;
+                    next_id += 1;
+                    batch.insert(meta_key(META_VID, &v.name), &id.to_be_bytes());
+                    id
+                }
+            };
+            resolved.push(View::new(v.clone(), id));
+        }
+        let views = resolved;
         let mut by_name = HashMap::new();
-        let mut by_table: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_table: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
         for (i, v) in views.iter().enumerate() {
             by_name.insert(v.config.name.to_ascii_lowercase(), i);
-            by_table.entry(v.config.source.clone()).or_default().push(i);
+            let (schema, table) = v
+                .config
+                .source_parts()
+                .unwrap_or(("", v.config.source.as_str()));
+            by_table
+                .entry(schema.to_owned())
+                .or_default()
+                .entry(table.to_owned())
+                .or_default()
+                .push(i);
         }
         let get_u64 = |k: &[u8]| -> Result<u64, StoreError> {
             match tree.get(k).map_err(sled_err)? {
@@ -360,7 +521,6 @@ impl ViewStore {
         let applied_lsn = Lsn(get_u64(META_LSN)?);
         let hb = Lsn(get_u64(META_HB)?);
         let mut stale = Vec::with_capacity(views.len());
-        let mut batch = sled::Batch::default();
         for v in &views {
             let mut reason = tree
                 .get(meta_key(META_STALE, v.name()))
@@ -413,6 +573,7 @@ impl ViewStore {
         batch.insert(META_SEQ, &from_seq.saturating_sub(1).to_be_bytes());
         for v in &self.views {
             batch.insert(meta_key(META_DEF, v.name()), v.definition());
+            batch.insert(meta_key(META_VID, v.name()), &v.row_prefix[1..3]);
         }
         self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
         self.tree.flush().map_err(|e| self.sled_err(e))?;
@@ -518,21 +679,7 @@ impl ViewStore {
     /// Records a heartbeat at stream sequence `seq`: everything committed at or before `lsn`
     /// has been applied (the caller has applied every message before it).
     pub fn record_heartbeat(&self, seq: u64, lsn: Lsn) -> Result<(), StoreError> {
-        let p = self.progress();
-        let new_seq = p.applied_seq.max(seq);
-        let mut batch = sled::Batch::default();
-        batch.insert(META_SEQ, &new_seq.to_be_bytes());
-        if lsn > p.watermark {
-            batch.insert(META_HB, &lsn.0.to_be_bytes());
-        }
-        self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
-        self.progress.send_if_modified(|p| {
-            let changed = new_seq != p.applied_seq || lsn > p.watermark;
-            p.applied_seq = new_seq;
-            p.watermark = p.watermark.max(lsn);
-            changed
-        });
-        Ok(())
+        self.apply_group(&[], Some((seq, lsn)))
     }
 
     /// Flushes sled to disk (on shutdown).
@@ -543,19 +690,37 @@ impl ViewStore {
     /// Applies whole source transactions as one atomic sled batch, together with the applied
     /// sequence (the last transaction's `last_seq`) and LSN.
     pub fn apply(&self, txs: &[SourceTransaction]) -> Result<(), StoreError> {
-        let Some(last) = txs.last() else {
+        self.apply_group(txs, None)
+    }
+
+    /// Applies whole source transactions and, optionally, a heartbeat `(seq, lsn)` read after
+    /// them, as one atomic sled batch together with the applied sequence, LSN and watermark.
+    pub fn apply_group(
+        &self,
+        txs: &[SourceTransaction],
+        heartbeat: Option<(u64, Lsn)>,
+    ) -> Result<(), StoreError> {
+        let before = self.progress();
+        let Some(new_seq) = txs
+            .iter()
+            .map(|t| t.last_seq)
+            .chain(heartbeat.map(|(s, _)| s))
+            .max()
+        else {
             return Ok(());
         };
+        let new_seq = new_seq.max(before.applied_seq);
         let mut pending = Pending {
             tree: &self.tree,
             writes: BTreeMap::new(),
         };
         let mut new_stale: Vec<(usize, Option<String>)> = Vec::new();
-        let mut max_lsn = self.progress().applied_lsn;
+        let mut max_lsn = before.applied_lsn;
+        let mut scratch = Scratch::default();
         for tx in txs {
             for ev in &tx.events {
                 max_lsn = max_lsn.max(ev.source.commit_lsn);
-                self.apply_event(&mut pending, ev, &mut new_stale)
+                self.apply_event(&mut pending, ev, &mut new_stale, &mut scratch)
                     .map_err(|e| match e {
                         PendingError::Sled(s) => self.sled_err(s),
                         PendingError::Corrupt(m) => StoreError::Corrupt(m),
@@ -569,8 +734,17 @@ impl ViewStore {
                 None => batch.remove(k),
             }
         }
-        batch.insert(META_SEQ, &last.last_seq.to_be_bytes());
-        batch.insert(META_LSN, &max_lsn.0.to_be_bytes());
+        batch.insert(META_SEQ, &new_seq.to_be_bytes());
+        if !txs.is_empty() {
+            batch.insert(META_LSN, &max_lsn.0.to_be_bytes());
+        }
+        let mut watermark = before.watermark.max(max_lsn);
+        if let Some((_, hb)) = heartbeat {
+            if hb > watermark {
+                batch.insert(META_HB, &hb.0.to_be_bytes());
+                watermark = hb;
+            }
+        }
         for (idx, reason) in &new_stale {
             let k = meta_key(META_STALE, self.views[*idx].name());
             match reason {
@@ -590,10 +764,13 @@ impl ViewStore {
                     stale[idx] = reason;
                 }
             }
-            self.progress.send_modify(|p| {
-                p.applied_seq = last.last_seq;
+            self.progress.send_if_modified(|p| {
+                let changed =
+                    (p.applied_seq, p.applied_lsn, p.watermark) != (new_seq, max_lsn, watermark);
+                p.applied_seq = new_seq;
                 p.applied_lsn = max_lsn;
-                p.watermark = p.watermark.max(max_lsn);
+                p.watermark = watermark;
+                changed
             });
         }
         Ok(())
@@ -604,14 +781,18 @@ impl ViewStore {
         pending: &mut Pending<'_>,
         ev: &ChangeEvent,
         new_stale: &mut Vec<(usize, Option<String>)>,
+        scratch: &mut Scratch,
     ) -> Result<(), PendingError> {
-        let table = ev.table_name();
-        let Some(idxs) = self.by_table.get(&table) else {
+        let Some(idxs) = self
+            .by_table
+            .get(&ev.source.schema)
+            .and_then(|t| t.get(&ev.source.table))
+        else {
             return Ok(());
         };
         for &i in idxs {
             let view = &self.views[i];
-            if let Err(reason) = apply_to_view(view, pending, ev)? {
+            if let Err(reason) = apply_to_view(view, pending, ev, scratch)? {
                 tracing::error!(view = view.name(), %reason, "view is now stale");
                 if self.stale_reason(i).is_none() && !new_stale.iter().any(|(j, _)| *j == i) {
                     new_stale.push((i, Some(reason)));
@@ -657,10 +838,27 @@ impl ViewStore {
         limit: usize,
         allow_stale: bool,
     ) -> Result<ReadResult, QueryError> {
+        let raw = self.read(view, keys, limit, allow_stale)?;
+        Ok(ReadResult {
+            rows: raw.rows()?,
+            as_of: raw.as_of,
+            stale: raw.stale,
+            truncated: raw.truncated,
+        })
+    }
+
+    /// Like [`ViewStore::lookup`], returning the stored values undecoded.
+    pub fn read(
+        &self,
+        view: &str,
+        keys: &[Vec<Value>],
+        limit: usize,
+        allow_stale: bool,
+    ) -> Result<RawRead<'_>, QueryError> {
         let idx = self.view_index(view)?;
         let v = &self.views[idx];
         let stale = self.check_stale(idx, allow_stale)?;
-        let mut prefixes: Vec<Vec<u8>> = Vec::new();
+        let mut prefixes: Vec<Vec<u8>> = Vec::with_capacity(keys.len());
         for key in keys {
             if key.len() > v.config.key.len() {
                 return Err(QueryError::KeyArity {
@@ -675,7 +873,8 @@ impl ViewStore {
                 let mut next = Vec::with_capacity(partial.len() * cands.len());
                 for p in &partial {
                     for c in &cands {
-                        let mut q = p.clone();
+                        let mut q = Vec::with_capacity(p.len() + 9);
+                        q.extend_from_slice(p);
                         keys::encode_value(&mut q, c);
                         next.push(q);
                     }
@@ -684,30 +883,35 @@ impl ViewStore {
             }
             prefixes.extend(partial);
         }
+        // Sorted, with prefixes covered by a shorter one dropped: the ranges are disjoint and
+        // in key order, so their rows concatenate in order without duplicates.
         prefixes.sort();
         prefixes.dedup();
-        let mut raw: BTreeMap<sled::IVec, sled::IVec> = BTreeMap::new();
+        let mut disjoint: Vec<Vec<u8>> = Vec::with_capacity(prefixes.len());
+        for p in prefixes {
+            if !disjoint.last().is_some_and(|q| p.starts_with(q)) {
+                disjoint.push(p);
+            }
+        }
+        let mut values = Vec::new();
         let mut truncated = false;
         let as_of = {
             let _gate = self.gate();
-            'outer: for p in &prefixes {
+            'outer: for p in &disjoint {
                 for item in self.tree.scan_prefix(p) {
-                    let (k, val) = item.map_err(|e| self.sled_err(e))?;
-                    if raw.len() >= limit && !raw.contains_key(&k) {
+                    let (_, val) = item.map_err(|e| self.sled_err(e))?;
+                    if values.len() >= limit {
                         truncated = true;
                         break 'outer;
                     }
-                    raw.insert(k, val);
+                    values.push(val);
                 }
             }
             self.progress()
         };
-        let rows = raw
-            .values()
-            .map(|v| decode_row(v).map(|(_, r)| r))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(ReadResult {
-            rows,
+        Ok(RawRead {
+            view: v,
+            values,
             as_of,
             stale,
             truncated,
@@ -806,9 +1010,22 @@ impl Pending<'_> {
     }
 }
 
+/// Buffers reused across the events of one batch.
+#[derive(Default)]
+struct Scratch {
+    value: Vec<u8>,
+}
+
 /// Collects the values of `cols` from `row`; `Err(col)` names the first missing one.
 fn values_of<'r>(row: &'r Row, cols: &'r [String]) -> Result<Vec<&'r Value>, &'r str> {
     cols.iter().map(|c| row.get(c).ok_or(c.as_str())).collect()
+}
+
+/// The new stored row of an insert/update/snapshot read: the values of the stored columns (or
+/// the whole row), with unchanged TOAST columns taken from the old stored value.
+enum NewRow<'e> {
+    Projected(Vec<Cow<'e, Value>>),
+    Whole(Row),
 }
 
 /// Applies one event to one view. `Ok(Err(reason))`: the view cannot follow this event and
@@ -817,15 +1034,17 @@ fn apply_to_view(
     view: &View,
     pending: &mut Pending<'_>,
     ev: &ChangeEvent,
+    scratch: &mut Scratch,
 ) -> Result<Result<(), String>, PendingError> {
     let cfg = &view.config;
-    let table = ev.table_name();
+    let table = || format!("{}.{}", ev.source.schema, ev.source.table);
     match ev.op {
         Op::Create | Op::Update | Op::Read => {
             let Some(after) = &ev.after else {
                 return Ok(Err(format!(
-                    "a '{}' event of {table} carries no new row (at {})",
+                    "a '{}' event of {} carries no new row (at {})",
                     ev.op.code(),
+                    table(),
                     ev.msg_id()
                 )));
             };
@@ -838,8 +1057,9 @@ fn apply_to_view(
                 Ok(v) => v,
                 Err(c) => {
                     return Ok(Err(format!(
-                        "primary key column {c:?} is missing from events of {table}; \
-                         check the view's primary_key"
+                        "primary key column {c:?} is missing from events of {}; \
+                         check the view's primary_key",
+                        table()
                     )))
                 }
             };
@@ -853,52 +1073,65 @@ fn apply_to_view(
                 }
                 None => view.locate(pending, &old_pk)?.map(|(rk, v)| (rk, Some(v))),
             };
-            let old_row = match old.as_ref().and_then(|(_, v)| v.as_ref()) {
-                Some(v) if need_old => Some(decode_row(v)?),
+            let old_value = match old.as_ref().and_then(|(_, v)| v.as_deref()) {
+                Some(v) if need_old => Some(v),
                 _ => None,
             };
-            // Merge the new row: projection, unchanged TOAST columns from the stored row.
-            let mut row = Row::new();
-            match &view.stored {
+            // The new row: projection, unchanged TOAST columns from the stored row.
+            let new_row = match &view.stored {
                 Some(cols) => {
-                    for c in cols {
+                    let mut old_fields = Vec::new();
+                    if let Some(v) = old_value {
+                        view.fields(v, &mut old_fields)?;
+                    }
+                    let mut vals: Vec<Cow<'_, Value>> = Vec::with_capacity(cols.len());
+                    for (i, c) in cols.iter().enumerate() {
                         match after.get(c) {
-                            Some(v) => {
-                                row.insert(c.clone(), v.clone());
-                            }
-                            None if ev.unchanged_toast.iter().any(|t| t == c) => {
-                                let kept = old_row
-                                    .as_ref()
-                                    .and_then(|(_, r)| r.get(c).cloned())
-                                    .unwrap_or(Value::Null);
-                                row.insert(c.clone(), kept);
-                            }
+                            Some(v) => vals.push(Cow::Borrowed(v)),
+                            None if ev.unchanged_toast.iter().any(|t| t == c) => vals.push(
+                                Cow::Owned(old_fields.get(i).map_or(Value::Null, |f| f.to_value())),
+                            ),
                             None => {
                                 return Ok(Err(format!(
-                                    "column {c:?} is no longer in source table {table} \
+                                    "column {c:?} is no longer in source table {} \
                                      (dropped or renamed at {}); fix the view's columns and \
                                      rebuild it with `view-agent replay --from-start`",
+                                    table(),
                                     ev.source.commit_lsn
                                 )))
                             }
                         }
                     }
+                    NewRow::Projected(vals)
                 }
                 None => {
-                    row = after.clone();
-                    for c in &ev.unchanged_toast {
-                        if let Some(v) = old_row.as_ref().and_then(|(_, r)| r.get(c)) {
-                            row.insert(c.clone(), v.clone());
+                    let mut row = after.clone();
+                    if let Some(v) = old_value {
+                        let (_, old_row) = view.decode(v)?;
+                        for c in &ev.unchanged_toast {
+                            if let Some(v) = old_row.get(c) {
+                                row.insert(c.clone(), v.clone());
+                            }
                         }
                     }
+                    NewRow::Whole(row)
                 }
-            }
-            let (key, pk) = match (values_of(&row, &cfg.key), values_of(&row, &cfg.primary_key)) {
-                (Ok(k), Ok(p)) => (k, p),
-                (Err(c), _) | (_, Err(c)) => {
-                    return Ok(Err(format!(
-                        "column {c:?} is missing from a new row of {table}"
-                    )))
+            };
+            let (key, pk): (Vec<&Value>, Vec<&Value>) = match &new_row {
+                NewRow::Projected(vals) => (
+                    view.key_pos.iter().map(|&i| vals[i].as_ref()).collect(),
+                    view.pk_pos.iter().map(|&i| vals[i].as_ref()).collect(),
+                ),
+                NewRow::Whole(row) => {
+                    match (values_of(row, &cfg.key), values_of(row, &cfg.primary_key)) {
+                        (Ok(k), Ok(p)) => (k, p),
+                        (Err(c), _) | (_, Err(c)) => {
+                            return Ok(Err(format!(
+                                "column {c:?} is missing from a new row of {}",
+                                table()
+                            )))
+                        }
+                    }
                 }
             };
             let row_key = view.row_key(&key, &pk);
@@ -914,18 +1147,33 @@ fn apply_to_view(
                     pending.del(old_rk);
                 }
             }
-            pending.put(row_key.clone(), encode_row(ev.source.commit_lsn, &row));
+            let value = &mut scratch.value;
+            value.clear();
+            value.extend_from_slice(&ev.source.commit_lsn.0.to_be_bytes());
+            match &new_row {
+                NewRow::Projected(vals) => {
+                    for v in vals {
+                        crate::row::encode(value, Some(v.as_ref()));
+                    }
+                }
+                // Serializing a map of JSON values cannot fail.
+                NewRow::Whole(row) => {
+                    let _ = serde_json::to_writer(&mut *value, row);
+                }
+            }
             if view.key_in_pk.is_none() {
                 if pk_moved {
                     pending.del(view.pk_key(&old_pk));
                 }
-                pending.put(view.pk_key(&pk), row_key);
+                pending.put(view.pk_key(&pk), row_key.clone());
             }
+            pending.put(row_key, value.clone());
         }
         Op::Delete => {
             let Some(before) = &ev.before else {
                 return Ok(Err(format!(
-                    "a delete of {table} carries no old key (at {}); set a replica identity",
+                    "a delete of {} carries no old key (at {}); set a replica identity",
+                    table(),
                     ev.msg_id()
                 )));
             };
@@ -933,8 +1181,9 @@ fn apply_to_view(
                 Ok(v) => v,
                 Err(c) => {
                     return Ok(Err(format!(
-                        "primary key column {c:?} is missing from deletes of {table}; \
-                         check the view's primary_key"
+                        "primary key column {c:?} is missing from deletes of {}; \
+                         check the view's primary_key",
+                        table()
                     )))
                 }
             };
@@ -958,10 +1207,13 @@ fn apply_to_view(
         Op::SnapshotEnd => {
             let began = ev.source.lsn;
             for (k, v) in pending.scan(&view.row_prefix)? {
-                let (written, row) = decode_row(&v)?;
+                let (written, _) = view.decode(&v)?;
                 if written < began {
-                    if let Ok(pk) = values_of(&row, &cfg.primary_key) {
-                        pending.del(view.pk_key(&pk));
+                    if view.key_in_pk.is_none() {
+                        if let Some(pk) = view.stored_pk(&v)? {
+                            let refs: Vec<&Value> = pk.iter().collect();
+                            pending.del(view.pk_key(&refs));
+                        }
                     }
                     pending.del(k);
                 }
