@@ -473,15 +473,12 @@ fn load_query_is_one_statement() {
     assert!(!super::LOAD_QUERY.contains(';'));
 }
 
-/// Runs [`TypeRegistry::load`] against a live server. Needs a throw-away database:
-/// `CDC_VALUE_TEST_PG='host=/tmp/pgval port=55434 user=postgres' cargo test -p cdc --lib
-/// value -- --ignored`. Everything it creates is rolled back.
+/// Runs [`TypeRegistry::load`] against a private Postgres started by the test harness.
+/// Everything it creates is rolled back.
 #[tokio::test]
-#[ignore = "needs a Postgres server: set CDC_VALUE_TEST_PG to a connection string"]
 async fn load_from_catalog() -> Result<(), Box<dyn std::error::Error>> {
-    let conninfo = std::env::var("CDC_VALUE_TEST_PG")?;
-    let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await?;
-    let conn = tokio::spawn(conn);
+    let pg = testkit::Postgres::start().await?;
+    let client = pg.connect("postgres").await?;
     client
         .batch_execute(
             "BEGIN;
@@ -547,8 +544,6 @@ async fn load_from_catalog() -> Result<(), Box<dyn std::error::Error>> {
     assert_eq!(reg.kind(4_000_000_000), Some(&TypeKind::Other));
 
     client.batch_execute("ROLLBACK").await?;
-    drop(client);
-    conn.await??;
     Ok(())
 }
 
