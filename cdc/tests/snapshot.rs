@@ -263,3 +263,44 @@ async fn snapshot_resumes_after_kill_and_can_be_requested_again() -> Result<()> 
     compare(&fold(&again, "items"), &table_rows(&env).await?)?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_without_primary_key_are_refused_clearly_and_still_stream() -> Result<()> {
+    let env = Env::start(
+        "CREATE TABLE logs (at timestamptz, line text);
+         ALTER TABLE logs REPLICA IDENTITY FULL;
+         INSERT INTO logs VALUES (now(), 'before');",
+        &["public.logs"],
+    )
+    .await?;
+    let mut reader = env.start_reader().await?;
+    reader
+        .wait_for_output("has no primary key", Duration::from_secs(60))
+        .await?;
+    let out = tokio::task::spawn_blocking({
+        let config = env.config.clone();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_cdc"))
+                .args(["snapshot", "--table", "public.logs", "--config"])
+                .arg(config)
+                .output()
+        }
+    })
+    .await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "cdc snapshot succeeded on a table without a key"
+    );
+    ensure!(
+        stderr.contains("ADD PRIMARY KEY"),
+        "unclear refusal: {stderr}"
+    );
+    env.sql()
+        .await?
+        .batch_execute("INSERT INTO logs VALUES (now(), 'after')")
+        .await?;
+    let got = env.wait_for_events(1, Duration::from_secs(60)).await?;
+    ensure!(got[0].event.after.as_ref().and_then(|a| a.get("line")) == Some(&Value::from("after")));
+    Ok(())
+}
