@@ -15,6 +15,8 @@ use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use testkit::{Nats, Postgres};
 
+mod common;
+
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -109,27 +111,15 @@ async fn main() -> Result<()> {
     let t = Instant::now();
     let mut reader = testkit::spawn_logged(cmd, "cdc")?;
     let subject = "cdc.public.top_clients".to_string();
-    let reader_secs = testkit::until(
-        Duration::from_secs(600),
-        "the reader to publish the backlog",
-        || {
-            let js = js.clone();
-            let subject = subject.clone();
-            async move {
-                let s = js.get_stream("CDC").await.ok()?;
-                let mut counts = s.info_with_subjects(subject.clone()).await.ok()?;
-                let mut n = 0u64;
-                while let Some(Ok((subj, count))) = counts.next().await {
-                    if subj == subject {
-                        n = count as u64;
-                    }
-                }
-                (n >= events).then(|| t.elapsed().as_secs_f64())
-            }
-        },
+    let reader_secs = common::seconds_until_count(
+        &js,
+        &subject,
+        events - 1,
+        t,
+        Duration::from_secs(900),
+        &reader,
     )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", reader.describe()))?;
+    .await?;
     let sample = js
         .get_stream("CDC")
         .await?

@@ -7,8 +7,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use futures::StreamExt;
 use testkit::{Nats, Postgres};
+
+mod common;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
@@ -59,28 +60,9 @@ async fn main() -> Result<()> {
     let t = Instant::now();
     let mut reader = testkit::spawn_logged(cmd, "cdc")?;
     let subject = "cdc.public.top_clients".to_string();
-    let snap_secs = testkit::until(
-        Duration::from_secs(900),
-        "the snapshot in the stream",
-        || {
-            let js = js.clone();
-            let subject = subject.clone();
-            async move {
-                let s = js.get_stream("CDC").await.ok()?;
-                let mut counts = s.info_with_subjects(subject.clone()).await.ok()?;
-                let mut n = 0u64;
-                while let Some(Ok((subj, count))) = counts.next().await {
-                    if subj == subject {
-                        n = count as u64;
-                    }
-                }
-                // Every row plus the snapshot-end event.
-                (n > rows).then(|| t.elapsed().as_secs_f64())
-            }
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", reader.describe()))?;
+    let snap_secs =
+        common::seconds_until_count(&js, &subject, rows, t, Duration::from_secs(900), &reader)
+            .await?;
     reader.signal(testkit::Signal::Term)?;
     reader.wait_with_timeout(Duration::from_secs(10)).await?;
 

@@ -142,37 +142,44 @@ impl ReplicationSession {
             .send(PgWireFrontendMessage::Query(Query::new(sql)))
             .await
             .map_err(|e| client_error("START_REPLICATION", e.into()))?;
-        loop {
-            match self.client.next().await {
-                Some(Ok(PgWireBackendMessage::CopyBothResponse(_))) => {
-                    return Ok(ReplicationStream {
-                        client: self.client,
-                        done: false,
-                    })
-                }
-                Some(Ok(PgWireBackendMessage::ErrorResponse(e))) => {
-                    let info = pgwire::error::ErrorInfo::from(e);
-                    return Err(ReplicationError::Server {
-                        command: "START_REPLICATION",
-                        message: info.message,
-                        code: info.code,
-                    });
-                }
-                Some(Ok(PgWireBackendMessage::NoticeResponse(n))) => {
-                    tracing::info!(notice = ?n, "notice from Postgres");
-                }
-                Some(Ok(PgWireBackendMessage::ParameterStatus(_))) => {}
-                Some(Ok(other)) => {
-                    return Err(ReplicationError::Protocol(format!(
-                        "START_REPLICATION: unexpected {other:?}"
-                    )))
-                }
-                Some(Err(e)) => return Err(ReplicationError::Protocol(e.to_string())),
-                None => {
-                    return Err(ReplicationError::Protocol(
-                        "connection closed during START_REPLICATION".into(),
-                    ))
-                }
+        match next_message_of(&mut self.client, "START_REPLICATION").await? {
+            PgWireBackendMessage::CopyBothResponse(_) => Ok(ReplicationStream {
+                client: self.client,
+                done: false,
+            }),
+            other => Err(ReplicationError::Protocol(format!(
+                "START_REPLICATION: unexpected {other:?}"
+            ))),
+        }
+    }
+}
+
+/// The next message that is not a notice or a parameter report; errors and a closed
+/// connection become [`ReplicationError`]s naming `command`. Cancel-safe.
+async fn next_message_of(
+    client: &mut PgWireClient,
+    command: &'static str,
+) -> Result<PgWireBackendMessage, ReplicationError> {
+    loop {
+        match client.next().await {
+            Some(Ok(PgWireBackendMessage::ErrorResponse(e))) => {
+                let info = pgwire::error::ErrorInfo::from(e);
+                return Err(ReplicationError::Server {
+                    command,
+                    message: info.message,
+                    code: info.code,
+                });
+            }
+            Some(Ok(PgWireBackendMessage::NoticeResponse(n))) => {
+                tracing::info!(notice = ?n, "notice from Postgres");
+            }
+            Some(Ok(PgWireBackendMessage::ParameterStatus(_))) => {}
+            Some(Ok(other)) => return Ok(other),
+            Some(Err(e)) => return Err(ReplicationError::Protocol(e.to_string())),
+            None => {
+                return Err(ReplicationError::Protocol(format!(
+                    "the server closed the connection during {command}"
+                )))
             }
         }
     }
@@ -217,37 +224,13 @@ pub struct ReplicationStream {
 impl ReplicationStream {
     /// The next XLogData or keepalive; `Ok(None)` when the server ended the stream.
     pub async fn next_message(&mut self) -> Result<Option<ReplicationMessage>, ReplicationError> {
-        loop {
-            match self.client.next().await {
-                Some(Ok(PgWireBackendMessage::CopyData(data))) => {
-                    return Ok(Some(wal::decode_copy_data(data.data)?));
-                }
-                Some(Ok(PgWireBackendMessage::CopyDone(_))) => {
-                    self.done = true;
-                    return Ok(None);
-                }
-                Some(Ok(PgWireBackendMessage::ErrorResponse(e))) => {
-                    let info = pgwire::error::ErrorInfo::from(e);
-                    return Err(ReplicationError::Server {
-                        command: "replication stream",
-                        message: info.message,
-                        code: info.code,
-                    });
-                }
-                Some(Ok(PgWireBackendMessage::NoticeResponse(n))) => {
-                    tracing::info!(notice = ?n, "notice from Postgres");
-                }
-                Some(Ok(PgWireBackendMessage::ParameterStatus(_))) => {}
-                Some(Ok(other)) => {
-                    return Err(ReplicationError::Protocol(format!("unexpected {other:?}")))
-                }
-                Some(Err(e)) => return Err(ReplicationError::Protocol(e.to_string())),
-                None => {
-                    return Err(ReplicationError::Protocol(
-                        "the server closed the replication connection".into(),
-                    ))
-                }
+        match next_message_of(&mut self.client, "replication stream").await? {
+            PgWireBackendMessage::CopyData(data) => Ok(Some(wal::decode_copy_data(data.data)?)),
+            PgWireBackendMessage::CopyDone(_) => {
+                self.done = true;
+                Ok(None)
             }
+            other => Err(ReplicationError::Protocol(format!("unexpected {other:?}"))),
         }
     }
 
