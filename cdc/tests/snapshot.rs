@@ -65,19 +65,65 @@ async fn table_rows(env: &Env) -> Result<BTreeMap<i64, Value>> {
     Ok(out)
 }
 
-async fn wait_for_snapshot_end(env: &Env, timeout: Duration) -> Result<Vec<Received>> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let all = env.wait_for_all_events(1, Duration::from_secs(30)).await?;
-        if all.iter().any(|r| r.event.op == Op::SnapshotEnd) {
-            return Ok(all);
+/// Inserts a marker row (`id`) and returns the whole stream once the marker's insert is in
+/// it: WAL order puts every change committed before it ahead of it.
+async fn through_marker(env: &Env, id: i64) -> Result<Vec<Received>> {
+    env.sql()
+        .await?
+        .execute("INSERT INTO items VALUES ($1, 0, 'marker')", &[&id])
+        .await?;
+    let js = env.jetstream().await?;
+    testkit::until(
+        Duration::from_secs(120),
+        "the marker row in the stream",
+        || {
+            let js = js.clone();
+            async move {
+                let stream = js.get_stream("CDC").await.ok()?;
+                let last = stream
+                    .get_last_raw_message_by_subject("cdc.public.items")
+                    .await
+                    .ok()?;
+                let ev: cdc::ChangeEvent = serde_json::from_slice(&last.payload).ok()?;
+                let seen = ev.op == Op::Create
+                    && ev.after.as_ref().and_then(|a| a.get("id")) == Some(&Value::from(id));
+                seen.then_some(())
+            }
+        },
+    )
+    .await?;
+    let last = js
+        .get_stream("CDC")
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence;
+    let all = env.wait_for_all_events(1, Duration::from_secs(30)).await?;
+    ensure!(
+        all.last().is_some_and(|r| r.seq + 10 >= last),
+        "stream read ended before the marker"
+    );
+    Ok(all)
+}
+
+/// Waits until the newest message on the table's subject is a snapshot end (the tests stop
+/// writing before the snapshot can end).
+async fn wait_for_snapshot_end(env: &Env, timeout: Duration) -> Result<()> {
+    let js = env.jetstream().await?;
+    testkit::until(timeout, "the snapshot end event", || {
+        let js = js.clone();
+        async move {
+            let stream = js.get_stream("CDC").await.ok()?;
+            let last = stream
+                .get_last_raw_message_by_subject("cdc.public.items")
+                .await
+                .ok()?;
+            let ev: cdc::ChangeEvent = serde_json::from_slice(&last.payload).ok()?;
+            (ev.op == Op::SnapshotEnd).then_some(())
         }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "no snapshot end within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 /// Concurrent writes while the snapshot runs: updates of rows read and not yet read, deletes
@@ -138,33 +184,9 @@ async fn initial_snapshot_is_exact_under_concurrent_writes() -> Result<()> {
     env.write_config(&["public.items"], "[snapshot]\nchunk_rows = 5000\n")?;
     let _reader = env.start_reader().await?;
     churn(&env, 1500).await?;
-    let events = wait_for_snapshot_end(&env, Duration::from_secs(300)).await?;
-    // Writes have stopped; let the stream catch up with the last one.
-    let lsn: String = env
-        .sql()
-        .await?
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get(0);
-    let _ = lsn;
-    let total_changes = 1500 * 4;
-    let all = env
-        .wait_for_all_events(events.len().max(total_changes), Duration::from_secs(120))
-        .await?;
-    let settled = loop {
-        let now = env
-            .wait_for_all_events(all.len(), Duration::from_secs(30))
-            .await?;
-        let folded = fold(&now, "items");
-        let table = table_rows(&env).await?;
-        if compare(&folded, &table).is_ok() || now.len() > all.len() + 1_000_000 {
-            break (folded, table);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        if now.len() == all.len() {
-            break (folded, table);
-        }
-    };
+    wait_for_snapshot_end(&env, Duration::from_secs(300)).await?;
+    let all = through_marker(&env, -1).await?;
+    let settled = (fold(&all, "items"), table_rows(&env).await?);
     if let Err(e) = compare(&settled.0, &settled.1) {
         let reads: Vec<_> = all.iter().filter(|r| r.event.op == Op::Read).collect();
         let mut ats: Vec<_> = reads.iter().map(|r| r.event.source.commit_lsn).collect();
@@ -220,7 +242,8 @@ async fn snapshot_resumes_after_kill_and_can_be_requested_again() -> Result<()> 
         .await
         .context("the restarted reader did not resume from a finished chunk")?;
     churn(&env, 200).await?;
-    let all = wait_for_snapshot_end(&env, Duration::from_secs(300)).await?;
+    wait_for_snapshot_end(&env, Duration::from_secs(300)).await?;
+    let all = through_marker(&env, -1).await?;
     let reads = all.iter().filter(|r| r.event.op == Op::Read).count() as i64;
     ensure!(
         reads < 2 * ROWS,
