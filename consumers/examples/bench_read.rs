@@ -207,18 +207,24 @@ async fn main() -> Result<()> {
     for a in acks {
         last = a.await?.sequence;
     }
+    // Two agents on the same stream: the default (read cache on) and one with the cache off,
+    // which shows what sled reads alone cost.
     let dir = tempfile::tempdir()?;
-    let port = testkit::free_port();
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"name = "bench"
+    let mut agents = Vec::new();
+    for (name, cache_rows) in [("cache", 200_000), ("nocache", 0)] {
+        let port = testkit::free_port();
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"name = "{name}"
 data_dir = "{data}"
 [nats]
 url = "{url}"
 [pgwire]
 listen = "127.0.0.1:{port}"
+[store]
+read_cache_rows = {cache_rows}
 [[views]]
 name = "top_clients_by_seller"
 source = "public.top_clients"
@@ -227,35 +233,31 @@ primary_key = ["seller_id", "client_id"]
 columns = ["client_id", "name", "position"]
 column_types = {{ seller_id = "int8", client_id = "int8", position = "int4" }}
 "#,
-            data = dir.path().join("agent").display(),
-            url = nats.url(),
-        ),
-    )?;
-    let mut cmd = Command::new(&agent_bin);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn");
-    let mut agent = testkit::spawn_logged(cmd, "view-agent")?;
-    agent
-        .wait_for_output("view-agent ready", Duration::from_secs(30))
-        .await?;
-    let agent_conn = format!("host=127.0.0.1 port={port} user=bench dbname=views");
-    let status = connect(&agent_conn).await?;
-    testkit::until(
-        Duration::from_secs(120),
-        "the agent to apply the rows",
-        || async {
+                data = dir.path().join(name).display(),
+                url = nats.url(),
+            ),
+        )?;
+        let mut cmd = Command::new(&agent_bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn");
+        let mut agent = testkit::spawn_logged(cmd, &format!("view-agent-{name}"))?;
+        agent
+            .wait_for_output("view-agent ready", Duration::from_secs(30))
+            .await?;
+        let conn = format!("host=127.0.0.1 port={port} user=bench dbname=views");
+        let status = connect(&conn).await?;
+        testkit::until(Duration::from_secs(120), "the agent to apply the rows", || async {
             let row = status
                 .query_one("SELECT applied_seq FROM cdc_status", &[])
                 .await
                 .ok()?;
             (row.get::<_, i64>(0) as u64 >= last).then_some(())
-        },
-    )
-    .await?;
-    drop(status);
-    let agent_pid = agent.pid();
+        })
+        .await?;
+        agents.push((agent, conn));
+    }
 
     let pg_url = pg.url(&db);
     let sql_agent =
@@ -269,11 +271,19 @@ column_types = {{ seller_id = "int8", client_id = "int8", position = "int4" }}
         server_us: f64::NAN,
         client_us: f64::NAN,
     };
-    let a = if only != "postgres" {
-        run(&agent_conn, sql_agent, secs, async |_| Ok(vec![agent_pid])).await?
-    } else {
-        skipped()
-    };
+    let mut results = Vec::new();
+    for ((agent, conn), label) in agents.iter().zip([
+        "view-agent over pgwire",
+        "view-agent over pgwire, read cache off (sled reads)",
+    ]) {
+        let pid = agent.pid();
+        let o = if only != "postgres" {
+            run(conn, sql_agent, secs, async |_| Ok(vec![pid])).await?
+        } else {
+            skipped()
+        };
+        results.push((label, o));
+    }
     let p = if only != "agent" {
         run(&pg_url, sql_pg, secs, async |clients| {
             let mut pids = Vec::new();
@@ -292,17 +302,18 @@ column_types = {{ seller_id = "int8", client_id = "int8", position = "int4" }}
     );
     println!("| target | queries/s | p50 | p99 | server CPU/query | client CPU/query |");
     println!("|---|---:|---:|---:|---:|---:|");
-    for (name, o) in [
-        ("view-agent over pgwire", &a),
-        ("Postgres directly (synchronous approach)", &p),
-    ] {
+    let ratio = results[0].1.qps / p.qps;
+    results.push(("Postgres directly (synchronous approach)", p));
+    for (name, o) in &results {
         println!(
             "| {name} | {:.0} | {} µs | {} µs | {:.1} µs | {:.1} µs |",
             o.qps, o.p50, o.p99, o.server_us, o.client_us
         );
     }
-    println!("| ratio agent / Postgres | {:.2}x | | | | |", a.qps / p.qps);
-    agent.signal(testkit::Signal::Term)?;
-    agent.wait_with_timeout(Duration::from_secs(10)).await?;
+    println!("| ratio view-agent / Postgres | {ratio:.2}x | | | | |");
+    for (agent, _) in &mut agents {
+        agent.signal(testkit::Signal::Term)?;
+        agent.wait_with_timeout(Duration::from_secs(10)).await?;
+    }
     Ok(())
 }

@@ -27,6 +27,8 @@ pub const DEFAULT_MIN_LSN_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_MAX_BATCH_EVENTS: usize = 4_096;
 /// Default cap on rows one query may return.
 pub const DEFAULT_MAX_RESULT_ROWS: usize = 100_000;
+/// Default `store.read_cache_rows`.
+pub const DEFAULT_READ_CACHE_ROWS: usize = 200_000;
 
 /// Environment variable that overrides `nats.url`.
 pub const ENV_NATS_URL: &str = "CDC_NATS_URL";
@@ -74,6 +76,9 @@ pub struct AgentConfig {
     /// Apply tuning.
     #[serde(default)]
     pub apply: ApplyConfig,
+    /// Store tuning.
+    #[serde(default)]
+    pub store: StoreConfig,
     /// The views this agent keeps.
     #[serde(default)]
     pub views: Vec<ViewConfig>,
@@ -156,6 +161,25 @@ impl Default for ApplyConfig {
     }
 }
 
+/// `[store]`: tuning of the sled store and its read cache.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Rows kept in the in-memory cache of full-key lookups (0 disables it). Entries are
+    /// invalidated in the same critical section that applies a batch, so cached reads are as
+    /// consistent as sled reads.
+    #[serde(default = "default_read_cache_rows")]
+    pub read_cache_rows: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            read_cache_rows: default_read_cache_rows(),
+        }
+    }
+}
+
 /// `[[views]]`: one projection of one source table.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -198,6 +222,9 @@ fn default_min_lsn_timeout_ms() -> u64 {
 }
 fn default_max_result_rows() -> usize {
     DEFAULT_MAX_RESULT_ROWS
+}
+fn default_read_cache_rows() -> usize {
+    DEFAULT_READ_CACHE_ROWS
 }
 fn default_max_batch_events() -> usize {
     DEFAULT_MAX_BATCH_EVENTS

@@ -2,6 +2,11 @@
 //! transactions gathered and applied atomically, heartbeats turned into the read-your-writes
 //! watermark, history gaps turned into stale views.
 //!
+//! Two stages run in parallel: this task reads and decodes messages and gathers whole source
+//! transactions; an applier thread prepares and writes the sled batches (several waiting
+//! transactions, and the heartbeats between them, go into one atomic batch). The queue between
+//! them is bounded, so the reader runs at most a few batches ahead.
+//!
 //! Why an ordered (ephemeral) consumer: the agent's position lives in sled, in the same batch as
 //! the rows, so the server-side state of a durable consumer would be a second position that can
 //! disagree with the first; an ordered consumer is created from the sled position on every
@@ -38,6 +43,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const MAX_GAP_PROBE: usize = 256;
 /// Timeout of one JetStream API request (stream info, object get).
 const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// Groups of transactions queued for the applier thread (backpressure beyond that).
+const APPLY_QUEUE: usize = 4;
 
 /// Errors of the follow loop. Only store errors stop the agent; NATS errors are retried.
 #[derive(Debug, thiserror::Error)]
@@ -86,13 +93,33 @@ pub async fn follow(
             return Ok(());
         }
     };
+    let mut applier = Applier::spawn(store.clone(), apply.max_batch_events);
+    let result = follow_sessions(&store, &client, &nats, &apply, &mut applier, &mut shutdown).await;
+    // Whatever was handed over is applied before returning (a clean stop at a transaction
+    // boundary); an applier failure wins over a clean exit.
+    match (applier.finish().await, result) {
+        (Err(e), _) => Err(e.into()),
+        (Ok(()), r) => r,
+    }
+}
+
+async fn follow_sessions(
+    store: &Arc<ViewStore>,
+    client: &async_nats::Client,
+    nats: &NatsConfig,
+    apply: &ApplyConfig,
+    applier: &mut Applier,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), FollowError> {
     let mut backoff = Duration::from_millis(100);
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        let mut session = Session::new(&store, &client, &nats, &apply);
-        match session.run(&mut shutdown).await {
+        // The next session starts from what is applied: wait for the applier to catch up.
+        applier.barrier().await?;
+        let mut session = Session::new(store, client, nats, apply, applier);
+        match session.run(shutdown).await {
             Ok(()) => return Ok(()),
             Err(SessionError::Store(e)) => return Err(e.into()),
             Err(SessionError::Skipped(_)) => {
@@ -108,10 +135,118 @@ pub async fn follow(
         }
         tokio::select! {
             biased;
-            _ = crate::shutdown_requested(&mut shutdown) => return Ok(()),
+            _ = crate::shutdown_requested(shutdown) => return Ok(()),
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Work for the applier thread, in stream order.
+enum Work {
+    /// Whole transactions.
+    Txs(Vec<SourceTransaction>),
+    /// A heartbeat `(seq, lsn)` read with every message before it handed over.
+    Heartbeat(u64, cdc::Lsn),
+    /// Answered once everything before it is applied.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The applier thread: takes everything queued (up to a batch size), applies it as one atomic
+/// sled batch, repeats.
+struct Applier {
+    tx: Option<tokio::sync::mpsc::Sender<Work>>,
+    thread: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
+}
+
+impl Applier {
+    fn spawn(store: Arc<ViewStore>, max_batch_events: usize) -> Applier {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Work>(APPLY_QUEUE);
+        let body = move || -> Result<(), StoreError> {
+            let mut txs: Vec<SourceTransaction> = Vec::new();
+            let mut barriers = Vec::new();
+            while let Some(first) = rx.blocking_recv() {
+                let mut events = 0;
+                let mut heartbeat = None;
+                let mut next = Some(first);
+                while let Some(work) = next.take() {
+                    match work {
+                        Work::Txs(mut t) => {
+                            events += t.iter().map(|t| t.events.len()).sum::<usize>();
+                            txs.append(&mut t);
+                        }
+                        Work::Heartbeat(seq, lsn) => {
+                            let lsn = heartbeat.map_or(lsn, |(_, l): (u64, cdc::Lsn)| l.max(lsn));
+                            heartbeat = Some((seq, lsn));
+                        }
+                        Work::Barrier(b) => barriers.push(b),
+                    }
+                    if events < max_batch_events && barriers.is_empty() {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                // A heartbeat followed by more transactions still holds: the batch applies all
+                // of them atomically.
+                store.apply_group(&txs, heartbeat)?;
+                txs.clear();
+                for b in barriers.drain(..) {
+                    let _ = b.send(());
+                }
+            }
+            Ok(())
+        };
+        let thread = std::thread::Builder::new()
+            .name("view-apply".into())
+            .spawn(body);
+        match thread {
+            Ok(t) => Applier {
+                tx: Some(tx),
+                thread: Some(t),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the applier thread");
+                Applier {
+                    tx: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    /// Hands work over (waits while the queue is full). Fails when the applier stopped.
+    async fn send(&mut self, work: Work) -> Result<(), StoreError> {
+        let sent = match &self.tx {
+            Some(tx) => tx.send(work).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        self.finish().await?;
+        Err(StoreError::Corrupt("the applier thread stopped".into()))
+    }
+
+    /// Waits until everything handed over is applied.
+    async fn barrier(&mut self) -> Result<(), StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Work::Barrier(tx)).await?;
+        if rx.await.is_err() {
+            self.finish().await?;
+            return Err(StoreError::Corrupt("the applier thread stopped".into()));
+        }
+        Ok(())
+    }
+
+    /// Stops the thread after it applied what it was given; its error, if it failed.
+    async fn finish(&mut self) -> Result<(), StoreError> {
+        self.tx = None;
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        match tokio::task::spawn_blocking(move || thread.join()).await {
+            Ok(Ok(r)) => r,
+            _ => Err(StoreError::Corrupt("the applier thread panicked".into())),
+        }
     }
 }
 
@@ -133,6 +268,7 @@ struct Session<'a> {
     large: Option<jetstream::object_store::ObjectStore>,
     stream: Option<jetstream::stream::Stream>,
     applied_any: bool,
+    applier: &'a mut Applier,
 }
 
 impl<'a> Session<'a> {
@@ -141,6 +277,7 @@ impl<'a> Session<'a> {
         client: &'a async_nats::Client,
         nats: &'a NatsConfig,
         apply: &'a ApplyConfig,
+        applier: &'a mut Applier,
     ) -> Self {
         Session {
             store,
@@ -156,6 +293,7 @@ impl<'a> Session<'a> {
             large: None,
             stream: None,
             applied_any: false,
+            applier,
         }
     }
 
@@ -199,17 +337,17 @@ impl<'a> Session<'a> {
                                 continue;
                             }
                             Some(Err(e)) => {
-                                self.apply_ready()?;
+                                self.apply_ready().await?;
                                 return Err(nats_err("ordered consumer", e));
                             }
                             None => {
-                                self.apply_ready()?;
+                                self.apply_ready().await?;
                                 return Err(SessionError::Nats("ordered consumer ended".into()));
                             }
                         }
                     }
                 }
-                self.apply_ready()?;
+                self.apply_ready().await?;
             }
             tokio::select! {
                 biased;
@@ -310,8 +448,9 @@ impl<'a> Session<'a> {
                 }
             };
             if self.open_tx.is_empty() {
-                self.apply_ready()?;
-                self.store.record_heartbeat(seq, hb.lsn)?;
+                self.apply_ready().await?;
+                self.applier.send(Work::Heartbeat(seq, hb.lsn)).await?;
+                self.applied_any = true;
             }
             return Ok(());
         }
@@ -363,7 +502,7 @@ impl<'a> Session<'a> {
                 Ok(Ok(m)) if m.subject.as_str() == self.heartbeat_subject => {}
                 Ok(Ok(_)) => {
                     tracing::warn!(seq = s, "the consumer skipped a stored message; re-reading from the applied position");
-                    self.apply_ready()?;
+                    self.apply_ready().await?;
                     return Err(SessionError::Skipped(s));
                 }
                 Ok(Err(e)) if e.kind() == RawMessageErrorKind::NoMessageFound => {}
@@ -411,13 +550,14 @@ impl<'a> Session<'a> {
             .map_err(|e| nats_err(&format!("large event object {name}"), e))?
     }
 
-    fn apply_ready(&mut self) -> Result<(), SessionError> {
+    /// Hands the complete transactions gathered so far to the applier.
+    async fn apply_ready(&mut self) -> Result<(), SessionError> {
         if self.ready.is_empty() {
             return Ok(());
         }
-        self.store.apply(&self.ready)?;
-        self.ready.clear();
+        let ready = std::mem::take(&mut self.ready);
         self.ready_events = 0;
+        self.applier.send(Work::Txs(ready)).await?;
         self.applied_any = true;
         Ok(())
     }

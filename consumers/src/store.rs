@@ -26,6 +26,13 @@
 //! range reads (JSON decoding happens after). A query therefore sees either none or all of a
 //! source transaction.
 //!
+//! # Read cache
+//! Lookups of a whole key (every key column given) are cached in memory: key prefix → the
+//! stored values of its rows, at most `store.read_cache_rows` rows in all. A miss fills the
+//! entry under the shared gate, and the apply step invalidates the entries of every key it
+//! writes while it holds the gate exclusively, right after `apply_batch`; so a cached result is
+//! as of one applied source transaction exactly like a sled read.
+//!
 //! # Snapshot end (`e`)
 //! Every row carries the commit LSN of the event that last wrote it (for snapshot reads, the
 //! chunk's watermark). An `e` event for table T means "the snapshot that began at
@@ -44,7 +51,7 @@ use cdc::Lsn;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::config::{AgentConfig, ViewConfig};
+use crate::config::{AgentConfig, StoreConfig, ViewConfig};
 use crate::keys;
 
 /// Name of the status table over pgwire.
@@ -371,6 +378,17 @@ impl View {
         k
     }
 
+    /// The full-key prefix (`k <id> enc(key…)`) of the row key `rk` of a row with primary key
+    /// `pk`: `rk` without the primary-key part that follows the key.
+    fn key_prefix_of(&self, rk: &[u8], pk: &[&Value]) -> Vec<u8> {
+        let mut tail = Vec::with_capacity(9 * pk.len());
+        match &self.key_in_pk {
+            Some(_) => keys::encode_tuple(&mut tail, self.pk_rest.iter().map(|&i| pk[i])),
+            None => keys::encode_tuple(&mut tail, pk.iter().copied()),
+        }
+        rk[..rk.len().saturating_sub(tail.len())].to_vec()
+    }
+
     /// The primary key of a stored row (for index maintenance).
     fn stored_pk(&self, value: &[u8]) -> Result<Option<Vec<Value>>, StoreError> {
         match &self.stored {
@@ -405,6 +423,7 @@ pub struct ViewStore {
     by_table: HashMap<String, HashMap<String, Vec<usize>>>,
     /// Exclusive around `apply_batch`, shared around a query's reads (see module docs).
     read_gate: RwLock<()>,
+    cache: ReadCache,
     stale: Mutex<Vec<Option<String>>>,
     progress: watch::Sender<Progress>,
 }
@@ -434,11 +453,20 @@ fn meta_key(prefix: &[u8], view: &str) -> Vec<u8> {
 impl ViewStore {
     /// Opens (or creates) the store in `config.data_dir` for the configured views.
     pub fn open(config: &AgentConfig) -> Result<ViewStore, StoreError> {
-        Self::open_at(&config.data_dir, &config.views)
+        Self::open_with(&config.data_dir, &config.views, &config.store)
+    }
+
+    /// Opens (or creates) the store at `path` for `views`, with the default `[store]` options.
+    pub fn open_at(path: &Path, views: &[ViewConfig]) -> Result<ViewStore, StoreError> {
+        Self::open_with(path, views, &StoreConfig::default())
     }
 
     /// Opens (or creates) the store at `path` for `views`.
-    pub fn open_at(path: &Path, views: &[ViewConfig]) -> Result<ViewStore, StoreError> {
+    pub fn open_with(
+        path: &Path,
+        views: &[ViewConfig],
+        options: &StoreConfig,
+    ) -> Result<ViewStore, StoreError> {
         let spath = path.display().to_string();
         let sled_err = |source| StoreError::Sled {
             path: spath.clone(),
@@ -556,6 +584,7 @@ impl ViewStore {
             by_name,
             by_table,
             read_gate: RwLock::new(()),
+            cache: ReadCache::new(options.read_cache_rows),
             stale: Mutex::new(stale),
             progress: watch::Sender::new(progress),
         })
@@ -569,6 +598,7 @@ impl ViewStore {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         self.tree.clear().map_err(|e| self.sled_err(e))?;
+        self.cache.clear();
         let mut batch = sled::Batch::default();
         batch.insert(META_SEQ, &from_seq.saturating_sub(1).to_be_bytes());
         for v in &self.views {
@@ -713,6 +743,8 @@ impl ViewStore {
         let mut pending = Pending {
             tree: &self.tree,
             writes: BTreeMap::new(),
+            touched: Vec::new(),
+            touched_all: false,
         };
         let mut new_stale: Vec<(usize, Option<String>)> = Vec::new();
         let mut max_lsn = before.applied_lsn;
@@ -727,6 +759,7 @@ impl ViewStore {
                     })?;
             }
         }
+        let (touched, touched_all) = (pending.touched, pending.touched_all);
         let mut batch = sled::Batch::default();
         for (k, v) in pending.writes {
             match v {
@@ -757,7 +790,14 @@ impl ViewStore {
                 .read_gate
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+            let applied = self.tree.apply_batch(batch);
+            // Invalidate even when sled failed: the batch may be partly visible.
+            if touched_all || applied.is_err() {
+                self.cache.clear();
+            } else {
+                self.cache.invalidate(&touched);
+            }
+            applied.map_err(|e| self.sled_err(e))?;
             if !new_stale.is_empty() {
                 let mut stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
                 for (idx, reason) in new_stale {
@@ -893,18 +933,41 @@ impl ViewStore {
                 disjoint.push(p);
             }
         }
+        let full_key = keys.iter().all(|k| k.len() == v.config.key.len());
+        let use_cache = full_key && self.cache.enabled();
         let mut values = Vec::new();
         let mut truncated = false;
         let as_of = {
             let _gate = self.gate();
             'outer: for p in &disjoint {
+                if use_cache {
+                    if let Some(hit) = self.cache.get(p) {
+                        for val in hit.iter() {
+                            if values.len() >= limit {
+                                truncated = true;
+                                break 'outer;
+                            }
+                            values.push(val.clone());
+                        }
+                        continue;
+                    }
+                }
+                let first = values.len();
+                let mut complete = true;
                 for item in self.tree.scan_prefix(p) {
                     let (_, val) = item.map_err(|e| self.sled_err(e))?;
                     if values.len() >= limit {
                         truncated = true;
-                        break 'outer;
+                        complete = false;
+                        break;
                     }
                     values.push(val);
+                }
+                if use_cache && complete {
+                    self.cache.insert(p.clone(), &values[first..]);
+                }
+                if truncated {
+                    break;
                 }
             }
             self.progress()
@@ -935,6 +998,97 @@ impl ViewStore {
                 reason,
             }),
             other => Ok(other),
+        }
+    }
+}
+
+/// Shards of the read cache (fewer lock collisions between query threads).
+const CACHE_SHARDS: usize = 16;
+/// Keys with more rows than this are not cached.
+const CACHE_MAX_ENTRY_ROWS: usize = 1024;
+
+/// The cache of full-key lookups (see module docs).
+struct ReadCache {
+    shards: Vec<Mutex<CacheShard>>,
+    rows_per_shard: usize,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+#[derive(Default)]
+struct CacheShard {
+    entries: HashMap<Vec<u8>, std::sync::Arc<[sled::IVec]>>,
+    rows: usize,
+}
+
+impl ReadCache {
+    fn new(rows: usize) -> ReadCache {
+        let shards = if rows == 0 { 0 } else { CACHE_SHARDS };
+        ReadCache {
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            rows_per_shard: rows.div_ceil(CACHE_SHARDS),
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        !self.shards.is_empty()
+    }
+
+    fn shard(&self, key: &[u8]) -> Option<std::sync::MutexGuard<'_, CacheShard>> {
+        use std::hash::BuildHasher;
+        if self.shards.is_empty() {
+            return None;
+        }
+        let i = (self.hasher.hash_one(key) as usize) % self.shards.len();
+        Some(
+            self.shards[i]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    fn get(&self, key: &[u8]) -> Option<std::sync::Arc<[sled::IVec]>> {
+        self.shard(key)?.entries.get(key).cloned()
+    }
+
+    fn insert(&self, key: Vec<u8>, values: &[sled::IVec]) {
+        if values.len() > CACHE_MAX_ENTRY_ROWS || values.len() > self.rows_per_shard {
+            return;
+        }
+        let cost = values.len().max(1);
+        let Some(mut shard) = self.shard(&key) else {
+            return;
+        };
+        // Make room: drop arbitrary entries (hash order) until the new one fits.
+        while shard.rows + cost > self.rows_per_shard {
+            let Some(victim) = shard.entries.keys().next().cloned() else {
+                break;
+            };
+            if let Some(v) = shard.entries.remove(&victim) {
+                shard.rows -= v.len().max(1);
+            }
+        }
+        if let Some(old) = shard.entries.insert(key, values.into()) {
+            shard.rows -= old.len().max(1);
+        }
+        shard.rows += cost;
+    }
+
+    fn invalidate(&self, keys: &[Vec<u8>]) {
+        for k in keys {
+            if let Some(mut shard) = self.shard(k) {
+                if let Some(v) = shard.entries.remove(k) {
+                    shard.rows -= v.len().max(1);
+                }
+            }
+        }
+    }
+
+    fn clear(&self) {
+        for s in &self.shards {
+            let mut s = s.lock().unwrap_or_else(PoisonError::into_inner);
+            s.entries.clear();
+            s.rows = 0;
         }
     }
 }
@@ -970,6 +1124,10 @@ type KeyValue = (Vec<u8>, Vec<u8>);
 struct Pending<'a> {
     tree: &'a sled::Tree,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Key prefixes (`k <id> enc(key…)`) of rows written or deleted: cache entries to drop.
+    touched: Vec<Vec<u8>>,
+    /// A whole view changed (truncate, snapshot end): drop every cache entry.
+    touched_all: bool,
 }
 
 impl Pending<'_> {
@@ -1136,6 +1294,7 @@ fn apply_to_view(
             };
             let row_key = view.row_key(&key, &pk);
             let pk_moved = old_pk != pk;
+            let found_by_old_pk = old.is_some();
             let old_row_key = match old {
                 Some((rk, _)) => Some(rk),
                 // An insert or snapshot row may find its identity stored under another key.
@@ -1144,9 +1303,13 @@ fn apply_to_view(
             };
             if let Some(old_rk) = old_row_key {
                 if old_rk != row_key {
+                    // Found by its old identity, or (moved in) by its new one.
+                    let id = if found_by_old_pk { &old_pk } else { &pk };
+                    pending.touched.push(view.key_prefix_of(&old_rk, id));
                     pending.del(old_rk);
                 }
             }
+            pending.touched.push(view.key_prefix_of(&row_key, &pk));
             let value = &mut scratch.value;
             value.clear();
             value.extend_from_slice(&ev.source.commit_lsn.0.to_be_bytes());
@@ -1188,9 +1351,13 @@ fn apply_to_view(
                 }
             };
             match view.derived_row_key(&pk) {
-                Some(rk) => pending.del(rk),
+                Some(rk) => {
+                    pending.touched.push(view.key_prefix_of(&rk, &pk));
+                    pending.del(rk);
+                }
                 None => {
                     if let Some((rk, _)) = view.locate(pending, &pk)? {
+                        pending.touched.push(view.key_prefix_of(&rk, &pk));
                         pending.del(rk);
                         pending.del(view.pk_key(&pk));
                     }
@@ -1198,6 +1365,7 @@ fn apply_to_view(
             }
         }
         Op::Truncate => {
+            pending.touched_all = true;
             for prefix in [&view.row_prefix, &view.pk_prefix] {
                 for (k, _) in pending.scan(prefix)? {
                     pending.del(k);
@@ -1205,6 +1373,7 @@ fn apply_to_view(
             }
         }
         Op::SnapshotEnd => {
+            pending.touched_all = true;
             let began = ev.source.lsn;
             for (k, v) in pending.scan(&view.row_prefix)? {
                 let (written, _) = view.decode(&v)?;

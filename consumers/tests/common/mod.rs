@@ -75,6 +75,7 @@ impl Harness {
                 ..PgwireConfig::default()
             },
             apply: ApplyConfig::default(),
+            store: Default::default(),
             views: vec![standard_view()],
         }
     }
