@@ -1,6 +1,9 @@
 //! Apply benchmark: pre-fills a private JetStream stream with ≥ 500k change events, then measures
-//! in the same run (1) the raw ordered-consumer rate of that stream and (2) the agent's apply
-//! rate into sled (decode + fold + atomic batches + position), from the same stream.
+//! in the same run (1) the raw ordered-consumer rate of that stream, (2) the agent's apply rate
+//! into sled (read, decode, fold, atomic batches + position) from the same stream, and (3) the
+//! store alone applying the same transactions already decoded (no NATS): the two ceilings of
+//! (2). For (1) and (2) it prints the CPU time per event of this process and of nats-server,
+//! which on a small machine shows where the cores go.
 //!
 //! `cargo run --release -p consumers --example bench_apply [-- EVENTS]`
 
@@ -16,7 +19,7 @@ use cdc::envelope::{
 };
 use cdc::Lsn;
 use consumers::config::{ApplyConfig, NatsConfig, ViewConfig};
-use consumers::ViewStore;
+use consumers::{SourceTransaction, ViewStore};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -66,6 +69,55 @@ fn event(i: u64) -> ChangeEvent {
             last: ord == TX_SIZE,
         }),
         ts_ms: 1_764_230_400_003,
+    }
+}
+
+/// CPU time (user + system) of a process so far.
+fn cpu_of(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// The nats-server started by this process.
+fn nats_pid() -> Option<u32> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (name, rest) = stat.split_once(") ")?;
+        let ppid = rest.split_whitespace().nth(1)?;
+        (name.ends_with("nats-server") && ppid == me).then_some(pid)
+    })
+}
+
+/// CPU per event (µs) of this process and of nats-server over a phase.
+struct CpuMeter {
+    nats: Option<u32>,
+    start: (Duration, Duration),
+}
+
+impl CpuMeter {
+    fn start(nats: Option<u32>) -> CpuMeter {
+        let now = (
+            cpu_of(std::process::id()),
+            nats.map_or(Duration::ZERO, cpu_of),
+        );
+        CpuMeter { nats, start: now }
+    }
+    fn per_event(&self, n: u64) -> (f64, f64) {
+        let me = cpu_of(std::process::id()).saturating_sub(self.start.0);
+        let nats = self
+            .nats
+            .map_or(Duration::ZERO, cpu_of)
+            .saturating_sub(self.start.1);
+        let us = |d: Duration| d.as_micros() as f64 / n.max(1) as f64;
+        (us(me), us(nats))
     }
 }
 
@@ -120,7 +172,9 @@ async fn main() -> Result<()> {
     );
 
     // (1) Raw consume: ordered consumer, no decoding.
+    let nats_pid = nats_pid();
     let stream = js.get_stream("CDC").await?;
+    let cpu = CpuMeter::start(nats_pid);
     let t = Instant::now();
     let mut msgs = stream
         .create_consumer(OrderedConfig {
@@ -139,12 +193,14 @@ async fn main() -> Result<()> {
         }
     }
     let raw = t.elapsed();
+    let raw_cpu = cpu.per_event(n);
     drop(msgs);
 
     // (2) Apply into sled through the agent's follow loop.
     let dir = tempfile::tempdir()?;
     let store = Arc::new(ViewStore::open_at(dir.path(), &[view()])?);
     let (tx, rx) = tokio::sync::watch::channel(false);
+    let cpu = CpuMeter::start(nats_pid);
     let t = Instant::now();
     let task = tokio::spawn(consumers::follow::follow(
         store.clone(),
@@ -163,26 +219,67 @@ async fn main() -> Result<()> {
     )
     .await??;
     let apply = t.elapsed();
+    let apply_cpu = cpu.per_event(events);
     let _ = tx.send(true);
     task.await??;
     store.flush()?;
+    drop(store);
+
+    // (3) The store alone: the same transactions, decoded beforehand, applied in batches of
+    // the agent's default size.
+    let dir = tempfile::tempdir()?;
+    let store = ViewStore::open_at(dir.path(), &[view()])?;
+    let batch = ApplyConfig::default().max_batch_events as u64;
+    let mut store_alone = Duration::ZERO;
+    let mut applied = 0u64;
+    let mut seq = 0u64;
+    while applied < events {
+        let end = (applied + batch).min(events);
+        let txs: Vec<SourceTransaction> = (applied..end)
+            .collect::<Vec<_>>()
+            .chunks(TX_SIZE as usize)
+            .map(|c| {
+                seq += c.len() as u64;
+                SourceTransaction {
+                    last_seq: seq,
+                    events: c.iter().map(|&i| event(i)).collect(),
+                }
+            })
+            .collect();
+        // Only the apply counts, not building the events.
+        let t0 = Instant::now();
+        store.apply(&txs)?;
+        store_alone += t0.elapsed();
+        applied = end;
+    }
 
     let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
     println!();
-    println!("| measurement (same stream, {events} events, {TX_SIZE}/tx) | events/s | time |");
-    println!("|---|---:|---:|");
     println!(
-        "| raw JetStream ordered consumer (ceiling) | {:>10.0} | {:>8.2?} |",
+        "| measurement (same stream, {events} events, {TX_SIZE}/tx) | events/s | time | CPU/event: this process | nats-server |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| raw JetStream ordered consumer (ceiling 1) | {:.0} | {:.2?} | {:.1} µs | {:.1} µs |",
         rate(n, raw),
-        raw
+        raw,
+        raw_cpu.0,
+        raw_cpu.1
     );
     println!(
-        "| view-agent apply into sled (decode, fold, atomic batch + position) | {:>10.0} | {:>8.2?} |",
+        "| store alone: the same transactions, pre-decoded, into sled (ceiling 2) | {:.0} | {:.2?} | | |",
+        rate(events, store_alone),
+        store_alone
+    );
+    println!(
+        "| view-agent apply: stream → decode → fold → atomic sled batches + position | {:.0} | {:.2?} | {:.1} µs | {:.1} µs |",
         rate(events, apply),
-        apply
+        apply,
+        apply_cpu.0,
+        apply_cpu.1
     );
     println!(
-        "| apply / raw | {:.0}% | |",
+        "| apply / raw consume | {:.0}% | | | |",
         100.0 * rate(events, apply) / rate(n, raw)
     );
     Ok(())

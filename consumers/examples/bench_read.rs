@@ -248,13 +248,17 @@ column_types = {{ seller_id = "int8", client_id = "int8", position = "int4" }}
             .await?;
         let conn = format!("host=127.0.0.1 port={port} user=bench dbname=views");
         let status = connect(&conn).await?;
-        testkit::until(Duration::from_secs(120), "the agent to apply the rows", || async {
-            let row = status
-                .query_one("SELECT applied_seq FROM cdc_status", &[])
-                .await
-                .ok()?;
-            (row.get::<_, i64>(0) as u64 >= last).then_some(())
-        })
+        testkit::until(
+            Duration::from_secs(120),
+            "the agent to apply the rows",
+            || async {
+                let row = status
+                    .query_one("SELECT applied_seq FROM cdc_status", &[])
+                    .await
+                    .ok()?;
+                (row.get::<_, i64>(0) as u64 >= last).then_some(())
+            },
+        )
         .await?;
         agents.push((agent, conn));
     }

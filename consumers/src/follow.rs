@@ -454,16 +454,17 @@ impl<'a> Session<'a> {
             }
             return Ok(());
         }
-        let body = match msg
+        let large = match msg
             .headers
             .as_ref()
             .and_then(|h| h.get(HEADER_LARGE_REF))
             .map(|v| v.as_str().to_owned())
         {
-            Some(name) => self.fetch_large(&name).await?,
-            None => msg.payload.to_vec(),
+            Some(name) => Some(self.fetch_large(&name).await?),
+            None => None,
         };
-        let event: ChangeEvent = match serde_json::from_slice(&body) {
+        let body: &[u8] = large.as_deref().unwrap_or(&msg.payload);
+        let event: ChangeEvent = match serde_json::from_slice(body) {
             Ok(ev) => ev,
             Err(e) => {
                 let reason = format!(
