@@ -7,7 +7,7 @@
 //!
 //! ```sh
 //! cargo build --release -p consumers --bins --examples
-//! ./target/release/examples/bench_read [SECONDS]      # BENCH_ONLY=agent|postgres for one side
+//! ./target/release/examples/bench_read [SECONDS]   # per target and round; BENCH_ONLY=agent|postgres
 //! ```
 
 use std::path::PathBuf;
@@ -27,6 +27,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const CLIENTS: usize = 8;
 const SELLERS: i64 = 10_000;
 const PER_SELLER: i64 = 5;
+/// Rounds of the three targets, interleaved.
+const ROUNDS: usize = 3;
 
 async fn connect(conn: &str) -> Result<tokio_postgres::Client> {
     let (c, conn) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await?;
@@ -48,24 +50,45 @@ fn cpu_of(pid: u32) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// What one target did, summed over rounds.
 struct Outcome {
-    qps: f64,
-    p50: u64,
-    p99: u64,
-    /// CPU of the server per query, µs.
-    server_us: f64,
-    /// CPU of this (client) process per query, µs.
-    client_us: f64,
+    hist: Histogram<u64>,
+    elapsed: Duration,
+    /// CPU of the server.
+    server: Duration,
+    /// CPU of this (client) process.
+    client: Duration,
+    /// queries/s of each round.
+    rounds: Vec<f64>,
 }
 
-/// Runs the point query from `CLIENTS` connections for `secs`. `server_pids` returns the
-/// processes serving the given connections (called once they are open).
+impl Outcome {
+    fn new() -> Result<Outcome> {
+        Ok(Outcome {
+            hist: Histogram::new(3)?,
+            elapsed: Duration::ZERO,
+            server: Duration::ZERO,
+            client: Duration::ZERO,
+            rounds: Vec::new(),
+        })
+    }
+    fn qps(&self) -> f64 {
+        self.hist.len() as f64 / self.elapsed.as_secs_f64()
+    }
+    fn per_query_us(&self, d: Duration) -> f64 {
+        d.as_micros() as f64 / self.hist.len().max(1) as f64
+    }
+}
+
+/// Runs the point query from `CLIENTS` connections for `secs` and adds to `out`.
+/// `server_pids` returns the processes serving the given connections.
 async fn run(
     conn: &str,
     sql: &str,
     secs: u64,
     server_pids: impl AsyncFnOnce(&[tokio_postgres::Client]) -> Result<Vec<u32>>,
-) -> Result<Outcome> {
+    out: &mut Outcome,
+) -> Result<()> {
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         clients.push(connect(conn).await?);
@@ -81,7 +104,7 @@ async fn run(
         tasks.push(tokio::spawn(async move {
             let stmt = client.prepare(&sql).await?;
             let mut h = Histogram::<u64>::new(3)?;
-            let mut seller = c as i64 * 7;
+            let mut seller = c as i64 * 7 + start.elapsed().subsec_nanos() as i64 % 997;
             while Instant::now() < deadline {
                 seller = (seller * 31 + 17) % SELLERS;
                 let t = Instant::now();
@@ -93,24 +116,26 @@ async fn run(
                     rows.len()
                 );
             }
-            anyhow::Ok(h)
+            // The connection stays open until the CPU is read (a backend that exits takes its
+            // CPU time with it).
+            anyhow::Ok((h, client))
         }));
     }
-    let mut all = Histogram::<u64>::new(3)?;
+    let mut hist = Histogram::<u64>::new(3)?;
+    let mut open = Vec::new();
     for t in tasks {
-        all.add(t.await??)?;
+        let (h, client) = t.await??;
+        hist.add(h)?;
+        open.push(client);
     }
     let elapsed = start.elapsed();
-    let n = all.len() as f64;
-    let server = server_cpu().saturating_sub(server0);
-    let client = cpu_of(std::process::id()).saturating_sub(client0);
-    Ok(Outcome {
-        qps: n / elapsed.as_secs_f64(),
-        p50: all.value_at_quantile(0.5),
-        p99: all.value_at_quantile(0.99),
-        server_us: server.as_micros() as f64 / n,
-        client_us: client.as_micros() as f64 / n,
-    })
+    out.server += server_cpu().saturating_sub(server0);
+    out.client += cpu_of(std::process::id()).saturating_sub(client0);
+    drop(open);
+    out.rounds.push(hist.len() as f64 / elapsed.as_secs_f64());
+    out.hist.add(hist)?;
+    out.elapsed += elapsed;
+    Ok(())
 }
 
 fn agent_binary() -> Result<PathBuf> {
@@ -268,53 +293,70 @@ column_types = {{ seller_id = "int8", client_id = "int8", position = "int4" }}
         "SELECT client_id, name, position FROM top_clients_by_seller WHERE seller_id = $1";
     let sql_pg =
         "SELECT client_id, name, position FROM top_clients WHERE seller_id = $1 ORDER BY client_id";
-    let skipped = || Outcome {
-        qps: f64::NAN,
-        p50: 0,
-        p99: 0,
-        server_us: f64::NAN,
-        client_us: f64::NAN,
-    };
-    let mut results = Vec::new();
-    for ((agent, conn), label) in agents.iter().zip([
+    // Rounds alternate the targets, so that load from elsewhere on the machine hits them alike.
+    let labels = [
         "view-agent over pgwire",
         "view-agent over pgwire, read cache off (sled reads)",
-    ]) {
-        let pid = agent.pid();
-        let o = if only != "postgres" {
-            run(conn, sql_agent, secs, async |_| Ok(vec![pid])).await?
-        } else {
-            skipped()
-        };
-        results.push((label, o));
-    }
-    let p = if only != "agent" {
-        run(&pg_url, sql_pg, secs, async |clients| {
-            let mut pids = Vec::new();
-            for c in clients {
-                let row = c.query_one("SELECT pg_backend_pid()", &[]).await?;
-                pids.push(row.get::<_, i32>(0) as u32);
+        "Postgres directly (synchronous approach)",
+    ];
+    let mut outcomes = [Outcome::new()?, Outcome::new()?, Outcome::new()?];
+    for _ in 0..ROUNDS {
+        for (i, (agent, conn)) in agents.iter().enumerate() {
+            if only != "postgres" {
+                let pid = agent.pid();
+                run(
+                    conn,
+                    sql_agent,
+                    secs,
+                    async |_| Ok(vec![pid]),
+                    &mut outcomes[i],
+                )
+                .await?;
             }
-            Ok(pids)
-        })
-        .await?
-    } else {
-        skipped()
-    };
+        }
+        if only != "agent" {
+            let pg_pids = async |clients: &[tokio_postgres::Client]| {
+                let mut pids = Vec::new();
+                for c in clients {
+                    let row = c.query_one("SELECT pg_backend_pid()", &[]).await?;
+                    pids.push(row.get::<_, i32>(0) as u32);
+                }
+                Ok(pids)
+            };
+            run(&pg_url, sql_pg, secs, pg_pids, &mut outcomes[2]).await?;
+        }
+    }
     println!(
-        "point query, {CLIENTS} concurrent clients, {secs} s each, {PER_SELLER} rows/query, {SELLERS} sellers"
+        "point query, {CLIENTS} concurrent clients, {ROUNDS} rounds of {secs} s per target, {PER_SELLER} rows/query, {SELLERS} sellers"
     );
     println!("| target | queries/s | p50 | p99 | server CPU/query | client CPU/query |");
     println!("|---|---:|---:|---:|---:|---:|");
-    let ratio = results[0].1.qps / p.qps;
-    results.push(("Postgres directly (synchronous approach)", p));
-    for (name, o) in &results {
+    for (name, o) in labels.iter().zip(&outcomes) {
+        if o.hist.is_empty() {
+            continue;
+        }
         println!(
             "| {name} | {:.0} | {} µs | {} µs | {:.1} µs | {:.1} µs |",
-            o.qps, o.p50, o.p99, o.server_us, o.client_us
+            o.qps(),
+            o.hist.value_at_quantile(0.5),
+            o.hist.value_at_quantile(0.99),
+            o.per_query_us(o.server),
+            o.per_query_us(o.client)
         );
     }
-    println!("| ratio view-agent / Postgres | {ratio:.2}x | | | | |");
+    if !outcomes[0].hist.is_empty() && !outcomes[2].hist.is_empty() {
+        let per_round: Vec<String> = outcomes[0]
+            .rounds
+            .iter()
+            .zip(&outcomes[2].rounds)
+            .map(|(a, p)| format!("{:.2}x", a / p))
+            .collect();
+        println!(
+            "| ratio view-agent / Postgres | {:.2}x (rounds: {}) | | | | |",
+            outcomes[0].qps() / outcomes[2].qps(),
+            per_round.join(", ")
+        );
+    }
     for (agent, _) in &mut agents {
         agent.signal(testkit::Signal::Term)?;
         agent.wait_with_timeout(Duration::from_secs(10)).await?;

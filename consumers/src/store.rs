@@ -6,7 +6,10 @@
 //!   (u64 big-endian). Written in the same batch as the rows they describe, so a crash at any
 //!   point resumes exactly where the durable state says.
 //! - `m\0stale\0<view>`: why a view is stale (UTF-8); `m\0def\0<view>`: the view definition the
-//!   rows were built with; `m\0vid\0<view>`: the view's 2-byte id used in row keys.
+//!   rows were built with; `m\0vid\0<view>`: the view's 2-byte id used in row keys;
+//!   `m\0kinds\0<view>`: per key column, the JSON kinds its values have had (see
+//!   [`kind_bit`]): a lookup only probes the spellings of a value (`7` and `'7'`) whose kind
+//!   the column has actually held.
 //! - `k <id> enc(key…) enc(pk…)` → 8-byte write LSN + the row. When every key column is part of
 //!   the primary key, only the primary-key columns not already in the key follow it (they order
 //!   rows of one key exactly as the whole primary key would), which keeps typical keys within
@@ -30,8 +33,10 @@
 //! Lookups of a whole key (every key column given) are cached in memory: key prefix → the
 //! stored values of its rows, at most `store.read_cache_rows` rows in all. A miss fills the
 //! entry under the shared gate, and the apply step invalidates the entries of every key it
-//! writes while it holds the gate exclusively, right after `apply_batch`; so a cached result is
-//! as of one applied source transaction exactly like a sled read.
+//! writes while it holds the gate exclusively, right after `apply_batch` and before the new
+//! progress is published; so a cached result is as of one applied source transaction exactly
+//! like a sled read. A lookup of one key that hits the cache skips the gate (the entry alone is
+//! a consistent state of that key); lookups of several keys read them all under the gate.
 //!
 //! # Snapshot end (`e`)
 //! Every row carries the commit LSN of the event that last wrote it (for snapshot reads, the
@@ -63,6 +68,7 @@ const META_HB: &[u8] = b"m\0hb";
 const META_STALE: &[u8] = b"m\0stale\0";
 const META_DEF: &[u8] = b"m\0def\0";
 const META_VID: &[u8] = b"m\0vid\0";
+const META_KINDS: &[u8] = b"m\0kinds\0";
 /// The sled tree of this store format.
 const TREE: &str = "views2";
 /// Trees of earlier formats, dropped on open.
@@ -215,6 +221,9 @@ pub struct View {
     key_in_pk: Option<Vec<usize>>,
     /// With `key_in_pk`: the primary-key positions not in the key (what follows the key).
     pk_rest: Vec<usize>,
+    /// Per key column, the [`kind_bit`]s of the values stored so far. Only grows; updated under
+    /// the exclusive gate before the progress that depends on it is published.
+    key_kinds: Vec<std::sync::atomic::AtomicU8>,
 }
 
 impl View {
@@ -249,6 +258,11 @@ impl View {
                 .collect(),
             None => Vec::new(),
         };
+        let key_kinds = config
+            .key
+            .iter()
+            .map(|_| std::sync::atomic::AtomicU8::new(0))
+            .collect();
         View {
             config,
             row_prefix,
@@ -258,7 +272,65 @@ impl View {
             pk_pos,
             key_in_pk,
             pk_rest,
+            key_kinds,
         }
+    }
+
+    fn kinds(&self) -> Vec<u8> {
+        self.key_kinds
+            .iter()
+            .map(|k| k.load(std::sync::atomic::Ordering::Acquire))
+            .collect()
+    }
+
+    fn set_kinds(&self, kinds: &[u8]) {
+        for (k, &b) in self.key_kinds.iter().zip(kinds) {
+            k.fetch_or(b, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The scan prefixes of a lookup by `keys` (each all key columns or a prefix of them):
+    /// every spelling of each value whose kind the column has held, sorted, with prefixes
+    /// covered by a shorter one dropped, so the ranges are disjoint and in key order.
+    fn lookup_prefixes(&self, keys: &[Vec<Value>]) -> Result<Vec<Vec<u8>>, QueryError> {
+        let kinds = self.kinds();
+        let mut prefixes: Vec<Vec<u8>> = Vec::with_capacity(keys.len());
+        for key in keys {
+            if key.len() > self.config.key.len() {
+                return Err(QueryError::KeyArity {
+                    view: self.config.name.clone(),
+                    expected: self.config.key.len(),
+                    got: key.len(),
+                });
+            }
+            let mut partial: Vec<Vec<u8>> = vec![self.row_prefix.clone()];
+            for (col, val) in key.iter().enumerate() {
+                let cands: Vec<Value> = keys::lookup_candidates(val)
+                    .into_iter()
+                    .filter(|c| kinds[col] & kind_bit(c) != 0)
+                    .collect();
+                let mut next = Vec::with_capacity(partial.len() * cands.len());
+                for p in &partial {
+                    for c in &cands {
+                        let mut q = Vec::with_capacity(p.len() + 9);
+                        q.extend_from_slice(p);
+                        keys::encode_value(&mut q, c);
+                        next.push(q);
+                    }
+                }
+                partial = next;
+            }
+            prefixes.extend(partial);
+        }
+        prefixes.sort();
+        prefixes.dedup();
+        let mut disjoint: Vec<Vec<u8>> = Vec::with_capacity(prefixes.len());
+        for p in prefixes {
+            if !disjoint.last().is_some_and(|q| p.starts_with(q)) {
+                disjoint.push(p);
+            }
+        }
+        Ok(disjoint)
     }
 
     /// The view's name.
@@ -548,6 +620,14 @@ impl ViewStore {
         let applied_seq = get_u64(META_SEQ)?;
         let applied_lsn = Lsn(get_u64(META_LSN)?);
         let hb = Lsn(get_u64(META_HB)?);
+        for v in &views {
+            match tree.get(meta_key(META_KINDS, v.name())).map_err(sled_err)? {
+                Some(k) if k.len() == v.config.key.len() => v.set_kinds(&k),
+                // Rows written without a record of their kinds: probe every spelling.
+                _ if applied_seq > 0 => v.set_kinds(&vec![u8::MAX; v.config.key.len()]),
+                _ => {}
+            }
+        }
         let mut stale = Vec::with_capacity(views.len());
         for v in &views {
             let mut reason = tree
@@ -604,6 +684,11 @@ impl ViewStore {
         for v in &self.views {
             batch.insert(meta_key(META_DEF, v.name()), v.definition());
             batch.insert(meta_key(META_VID, v.name()), &v.row_prefix[1..3]);
+            let none = vec![0u8; v.config.key.len()];
+            batch.insert(meta_key(META_KINDS, v.name()), none.as_slice());
+            for k in &v.key_kinds {
+                k.store(0, std::sync::atomic::Ordering::Release);
+            }
         }
         self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
         self.tree.flush().map_err(|e| self.sled_err(e))?;
@@ -745,6 +830,7 @@ impl ViewStore {
             writes: BTreeMap::new(),
             touched: Vec::new(),
             touched_all: false,
+            kinds: Vec::new(),
         };
         let mut new_stale: Vec<(usize, Option<String>)> = Vec::new();
         let mut max_lsn = before.applied_lsn;
@@ -760,6 +846,17 @@ impl ViewStore {
             }
         }
         let (touched, touched_all) = (pending.touched, pending.touched_all);
+        let mut new_kinds: Vec<(usize, Vec<u8>)> = Vec::new();
+        for (vi, col, bit) in pending.kinds {
+            let p = match new_kinds.iter().position(|(i, _)| *i == vi) {
+                Some(p) => p,
+                None => {
+                    new_kinds.push((vi, self.views[vi].kinds()));
+                    new_kinds.len() - 1
+                }
+            };
+            new_kinds[p].1[col] |= bit;
+        }
         let mut batch = sled::Batch::default();
         for (k, v) in pending.writes {
             match v {
@@ -777,6 +874,12 @@ impl ViewStore {
                 batch.insert(META_HB, &hb.0.to_be_bytes());
                 watermark = hb;
             }
+        }
+        for (vi, kinds) in &new_kinds {
+            batch.insert(
+                meta_key(META_KINDS, self.views[*vi].name()),
+                kinds.as_slice(),
+            );
         }
         for (idx, reason) in &new_stale {
             let k = meta_key(META_STALE, self.views[*idx].name());
@@ -798,6 +901,10 @@ impl ViewStore {
                 self.cache.invalidate(&touched);
             }
             applied.map_err(|e| self.sled_err(e))?;
+            // Before the progress: a reader that sees the new progress sees the new kinds.
+            for (vi, kinds) in &new_kinds {
+                self.views[*vi].set_kinds(kinds);
+            }
             if !new_stale.is_empty() {
                 let mut stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
                 for (idx, reason) in new_stale {
@@ -832,7 +939,7 @@ impl ViewStore {
         };
         for &i in idxs {
             let view = &self.views[i];
-            if let Err(reason) = apply_to_view(view, pending, ev, scratch)? {
+            if let Err(reason) = apply_to_view(view, i, pending, ev, scratch)? {
                 tracing::error!(view = view.name(), %reason, "view is now stale");
                 if self.stale_reason(i).is_none() && !new_stale.iter().any(|(j, _)| *j == i) {
                     new_stale.push((i, Some(reason)));
@@ -898,47 +1005,38 @@ impl ViewStore {
         let idx = self.view_index(view)?;
         let v = &self.views[idx];
         let stale = self.check_stale(idx, allow_stale)?;
-        let mut prefixes: Vec<Vec<u8>> = Vec::with_capacity(keys.len());
-        for key in keys {
-            if key.len() > v.config.key.len() {
-                return Err(QueryError::KeyArity {
-                    view: v.config.name.clone(),
-                    expected: v.config.key.len(),
-                    got: key.len(),
-                });
-            }
-            let mut partial: Vec<Vec<u8>> = vec![v.row_prefix.clone()];
-            for val in key {
-                let cands = keys::lookup_candidates(val);
-                let mut next = Vec::with_capacity(partial.len() * cands.len());
-                for p in &partial {
-                    for c in &cands {
-                        let mut q = Vec::with_capacity(p.len() + 9);
-                        q.extend_from_slice(p);
-                        keys::encode_value(&mut q, c);
-                        next.push(q);
-                    }
-                }
-                partial = next;
-            }
-            prefixes.extend(partial);
-        }
-        // Sorted, with prefixes covered by a shorter one dropped: the ranges are disjoint and
-        // in key order, so their rows concatenate in order without duplicates.
-        prefixes.sort();
-        prefixes.dedup();
-        let mut disjoint: Vec<Vec<u8>> = Vec::with_capacity(prefixes.len());
-        for p in prefixes {
-            if !disjoint.last().is_some_and(|q| p.starts_with(q)) {
-                disjoint.push(p);
-            }
-        }
         let full_key = keys.iter().all(|k| k.len() == v.config.key.len());
         let use_cache = full_key && self.cache.enabled();
+        // Fast path: one whole key found in the cache needs no gate. The entry was filled
+        // under the gate and is dropped (under the exclusive gate) before the progress that
+        // changes it is published, so it is the key's rows as of `as_of`, read first (and the
+        // key kinds, which also change before the progress, are read after it).
+        if use_cache {
+            let as_of = self.progress();
+            let prefixes = v.lookup_prefixes(keys)?;
+            let hit = match prefixes.as_slice() {
+                [] => Some(std::sync::Arc::from(Vec::new())),
+                [one] => self.cache.get(one),
+                _ => None,
+            };
+            if let Some(hit) = hit {
+                let truncated = hit.len() > limit;
+                let values = hit.iter().take(limit).cloned().collect();
+                return Ok(RawRead {
+                    view: v,
+                    values,
+                    as_of,
+                    stale,
+                    truncated,
+                });
+            }
+        }
         let mut values = Vec::new();
         let mut truncated = false;
         let as_of = {
             let _gate = self.gate();
+            // Under the gate: the key kinds match the rows being read.
+            let disjoint = v.lookup_prefixes(keys)?;
             'outer: for p in &disjoint {
                 if use_cache {
                     if let Some(hit) = self.cache.get(p) {
@@ -1009,10 +1107,15 @@ const CACHE_MAX_ENTRY_ROWS: usize = 1024;
 
 /// The cache of full-key lookups (see module docs).
 struct ReadCache {
-    shards: Vec<Mutex<CacheShard>>,
+    shards: Vec<Padded<Mutex<CacheShard>>>,
     rows_per_shard: usize,
     hasher: std::collections::hash_map::RandomState,
 }
+
+/// Keeps each shard's lock on its own cache lines (no false sharing between shards).
+#[derive(Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
 
 #[derive(Default)]
 struct CacheShard {
@@ -1024,7 +1127,7 @@ impl ReadCache {
     fn new(rows: usize) -> ReadCache {
         let shards = if rows == 0 { 0 } else { CACHE_SHARDS };
         ReadCache {
-            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            shards: (0..shards).map(|_| Padded::default()).collect(),
             rows_per_shard: rows.div_ceil(CACHE_SHARDS),
             hasher: std::collections::hash_map::RandomState::new(),
         }
@@ -1042,6 +1145,7 @@ impl ReadCache {
         let i = (self.hasher.hash_one(key) as usize) % self.shards.len();
         Some(
             self.shards[i]
+                .0
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         )
@@ -1086,7 +1190,7 @@ impl ReadCache {
 
     fn clear(&self) {
         for s in &self.shards {
-            let mut s = s.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut s = s.0.lock().unwrap_or_else(PoisonError::into_inner);
             s.entries.clear();
             s.rows = 0;
         }
@@ -1128,6 +1232,8 @@ struct Pending<'a> {
     touched: Vec<Vec<u8>>,
     /// A whole view changed (truncate, snapshot end): drop every cache entry.
     touched_all: bool,
+    /// Key kinds new to a view: (view index, key column, kind bit).
+    kinds: Vec<(usize, usize, u8)>,
 }
 
 impl Pending<'_> {
@@ -1174,6 +1280,17 @@ struct Scratch {
     value: Vec<u8>,
 }
 
+/// The kind of a JSON value as one bit: null, bool, number, string, array/object.
+pub fn kind_bit(v: &Value) -> u8 {
+    match v {
+        Value::Null => 1,
+        Value::Bool(_) => 2,
+        Value::Number(_) => 4,
+        Value::String(_) => 8,
+        Value::Array(_) | Value::Object(_) => 16,
+    }
+}
+
 /// Collects the values of `cols` from `row`; `Err(col)` names the first missing one.
 fn values_of<'r>(row: &'r Row, cols: &'r [String]) -> Result<Vec<&'r Value>, &'r str> {
     cols.iter().map(|c| row.get(c).ok_or(c.as_str())).collect()
@@ -1190,6 +1307,7 @@ enum NewRow<'e> {
 /// becomes stale.
 fn apply_to_view(
     view: &View,
+    view_index: usize,
     pending: &mut Pending<'_>,
     ev: &ChangeEvent,
     scratch: &mut Scratch,
@@ -1292,6 +1410,13 @@ fn apply_to_view(
                     }
                 }
             };
+            for (col, k) in key.iter().enumerate() {
+                let bit = kind_bit(k);
+                let known = view.key_kinds[col].load(std::sync::atomic::Ordering::Relaxed);
+                if known & bit == 0 && !pending.kinds.contains(&(view_index, col, bit)) {
+                    pending.kinds.push((view_index, col, bit));
+                }
+            }
             let row_key = view.row_key(&key, &pk);
             let pk_moved = old_pk != pk;
             let found_by_old_pk = old.is_some();
