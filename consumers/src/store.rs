@@ -305,10 +305,15 @@ impl View {
             }
             let mut partial: Vec<Vec<u8>> = vec![self.row_prefix.clone()];
             for (col, val) in key.iter().enumerate() {
-                let cands: Vec<Value> = keys::lookup_candidates(val)
-                    .into_iter()
-                    .filter(|c| kinds[col] & kind_bit(c) != 0)
-                    .collect();
+                // The common case, a column that has held one kind only, given that kind.
+                let cands: Vec<Value> = if kinds[col] == kind_bit(val) {
+                    vec![val.clone()]
+                } else {
+                    keys::lookup_candidates(val)
+                        .into_iter()
+                        .filter(|c| kinds[col] & kind_bit(c) != 0)
+                        .collect()
+                };
                 let mut next = Vec::with_capacity(partial.len() * cands.len());
                 for p in &partial {
                     for c in &cands {
