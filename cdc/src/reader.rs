@@ -368,7 +368,10 @@ impl<'a> Pipeline<'a> {
             tokio::select! {
                 biased;
                 // 1. Shutdown.
-                _ = shutdown.wait_for(|s| *s) => {
+                seen = shutdown.wait_for(|s| *s) => {
+                    // Release the watch's read guard before draining: held across the drain it
+                    // would block a second signal and make this future non-Send.
+                    drop(seen);
                     return self.drain_and_finish(stream).await;
                 }
                 // 2. PubAcks.
