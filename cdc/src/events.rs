@@ -17,7 +17,7 @@ use crate::pgoutput::{
     LogicalDecodingMessage, LogicalMessage, OldTuple, OldTupleKind, Relation, RelationId,
     TupleData, TupleValue,
 };
-use crate::snapshot::RaceSet;
+use crate::snapshot::WatchedChanges;
 use crate::subject;
 use crate::value::{write_json_str, TypeRegistry};
 
@@ -52,6 +52,8 @@ pub enum Output {
         end_lsn: Lsn,
         /// Events the transaction produced.
         events: u64,
+        /// Its transaction id.
+        xid: u32,
     },
     /// A logical decoding message (`pg_logical_emit_message`).
     Message(LogicalDecodingMessage),
@@ -92,12 +94,12 @@ pub struct ChangeBuilder {
     watch: Option<Watch>,
 }
 
-/// Keys of one table to collect from the stream (between a snapshot chunk's watermarks).
+/// Keys of one table to collect from the stream, by transaction (while it is snapshotted).
 struct Watch {
     schema: String,
     table: String,
     key_columns: Vec<String>,
-    seen: RaceSet,
+    seen: WatchedChanges,
 }
 
 impl ChangeBuilder {
@@ -115,19 +117,34 @@ impl ChangeBuilder {
     }
 
     /// Starts collecting the keys (`key_columns`, text values) of every change to
-    /// `schema.table`.
+    /// `schema.table`, by transaction id.
     pub fn start_watch(&mut self, schema: &str, table: &str, key_columns: Vec<String>) {
         self.watch = Some(Watch {
             schema: schema.to_string(),
             table: table.to_string(),
             key_columns,
-            seen: RaceSet::default(),
+            seen: WatchedChanges::default(),
         });
     }
 
-    /// Stops collecting and returns what was seen.
-    pub fn take_watch(&mut self) -> Option<RaceSet> {
-        self.watch.take().map(|w| w.seen)
+    /// Returns what was collected since the last call (or the start) and goes on collecting.
+    pub fn take_watched(&mut self) -> WatchedChanges {
+        self.watch
+            .as_mut()
+            .map(|w| std::mem::take(&mut w.seen))
+            .unwrap_or_default()
+    }
+
+    /// Puts back what [`ChangeBuilder::take_watched`] returned (a chunk read again needs it).
+    pub fn restore_watched(&mut self, earlier: WatchedChanges) {
+        if let Some(w) = self.watch.as_mut() {
+            w.seen.merge(earlier);
+        }
+    }
+
+    /// Stops collecting.
+    pub fn stop_watch(&mut self) {
+        self.watch = None;
     }
 
     /// Commit LSN of the transaction being decoded.
@@ -155,8 +172,12 @@ impl ChangeBuilder {
         if cached.rel.namespace != watch.schema || cached.rel.name != watch.table {
             return;
         }
+        // Row changes come inside a transaction; xid 0 (never assigned) is never visible to
+        // a snapshot, so a change outside one is always treated as racing.
+        let xid = self.tx.as_ref().map_or(0, |t| t.xid);
+        let seen = watch.seen.by_xid.entry(xid).or_default();
         if op == Op::Truncate {
-            watch.seen.truncated = true;
+            seen.whole_table = true;
             return;
         }
         let positions: Option<Vec<usize>> = watch
@@ -166,7 +187,7 @@ impl ChangeBuilder {
             .collect();
         let Some(positions) = positions else {
             // The key column is gone from the stream's shape: be safe, drop the chunk.
-            watch.seen.truncated = true;
+            seen.whole_table = true;
             return;
         };
         for tuple in tuples {
@@ -178,7 +199,7 @@ impl ChangeBuilder {
                 })
                 .collect();
             if let Some(key) = key {
-                watch.seen.keys.insert(key);
+                seen.keys.push(key);
             }
         }
     }
@@ -217,13 +238,14 @@ impl ChangeBuilder {
                 });
             }
             LogicalMessage::Commit(c) => {
-                let events = self.tx.as_ref().map_or(0, |t| t.ordinal);
+                let (events, xid) = self.tx.as_ref().map_or((0, 0), |t| (t.ordinal, t.xid));
                 self.flush_pending(true, out);
                 self.tx = None;
                 out.push(Output::TxEnd {
                     commit_lsn: c.commit_lsn,
                     end_lsn: c.end_lsn,
                     events,
+                    xid,
                 });
             }
             LogicalMessage::Relation(r) => {

@@ -30,7 +30,10 @@ use crate::pgoutput::{self, LogicalMessage};
 use crate::publish::{event_headers, Outgoing, PublishError, ResumePoint, StreamSink, Ticket};
 use crate::replication::{ReplicationError, ReplicationSession, ReplicationStream};
 use crate::setup::{self, SetupError, SlotState};
-use crate::snapshot::{self, ChunkRows, Progress, ProgressStore, SnapshotError, TableShape};
+use crate::snapshot::{
+    self, ChunkRequest, ChunkRows, CommittedXids, Progress, ProgressStore, SnapshotError,
+    SnapshotXids, TableShape,
+};
 use crate::wal::ReplicationMessage;
 
 /// How long a fresh process waits for a slot held by another walsender (e.g. the session of a
@@ -42,6 +45,10 @@ const MAX_BURST: usize = 256;
 const SNAPSHOT_POLL: Duration = Duration::from_millis(50);
 /// Longest wait for a chunk read whose high watermark already arrived.
 const CHUNK_WAIT: Duration = Duration::from_secs(60);
+/// Committed transaction ids remembered for snapshot reads (see [`CommittedXids`]); ~20 bytes
+/// each. Pruned every status interval by the oldest running transaction, so only a transaction
+/// open for longer than this many commits lets it fill.
+const COMMITTED_XIDS_CAP: usize = 1 << 18;
 /// How often the loop logs its progress (debug level).
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest wait between reconnect attempts.
@@ -214,6 +221,7 @@ async fn run_once(
     );
     let mut pipeline = Pipeline::new(
         cfg,
+        target,
         sink,
         Arc::new(sql),
         resume,
@@ -221,6 +229,7 @@ async fn run_once(
     );
     pipeline.snapshots = Snapshots {
         store: Some(progress),
+        reads: None,
         waiting,
         current: None,
         next_chunk_id: u64::try_from(crate::events::now_ms()).unwrap_or(0) * 1000,
@@ -256,6 +265,9 @@ pub struct SnapshotRequest {
 #[derive(Default)]
 struct Snapshots {
     store: Option<ProgressStore>,
+    /// The connection chunks are read on (their transactions span several statements, so
+    /// they can't share the pipeline's connection), opened with the first snapshot.
+    reads: Option<Arc<tokio_postgres::Client>>,
     waiting: VecDeque<(String, String)>,
     current: Option<CurrentSnapshot>,
     next_chunk_id: u64,
@@ -265,14 +277,53 @@ struct CurrentSnapshot {
     shape: TableShape,
     progress: Progress,
     chunk_id: u64,
-    chunk: Option<tokio::task::JoinHandle<Result<ChunkRows, SnapshotError>>>,
+    /// The chunk being read.
+    chunk: Option<ChunkTask>,
+    /// Its rows once read, until its high watermark arrives in the stream.
+    read: Option<ChunkRows>,
+    /// Where in commit order the table's watch began ([`CommittedXids::mark`]).
+    watch_from: u64,
     started: Instant,
     rows_at_start: u64,
+}
+
+type ChunkTask = tokio::task::JoinHandle<Result<ChunkRows, SnapshotError>>;
+
+impl Drop for CurrentSnapshot {
+    fn drop(&mut self) {
+        // A read of an abandoned snapshot (the attempt failed) must not go on by itself.
+        if let Some(task) = &self.chunk {
+            task.abort();
+        }
+    }
+}
+
+/// Waits for the current chunk read to finish (forever when none runs).
+async fn chunk_finished(
+    current: &mut Option<CurrentSnapshot>,
+) -> Result<Result<ChunkRows, SnapshotError>, tokio::task::JoinError> {
+    match current.as_mut().and_then(|c| c.chunk.as_mut()) {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A finished chunk read as the reader's result.
+fn chunk_outcome(
+    done: Result<Result<ChunkRows, SnapshotError>, tokio::task::JoinError>,
+) -> Result<ChunkRows, ReaderError> {
+    match done {
+        Ok(Ok(rows)) => Ok(rows),
+        Ok(Err(SnapshotError::Sql(e))) => Err(e.into()),
+        Ok(Err(e)) => Err(ReplicationError::Protocol(format!("snapshot chunk: {e}")).into()),
+        Err(e) => Err(ReplicationError::Protocol(format!("snapshot chunk task: {e}")).into()),
+    }
 }
 
 /// The streaming state of one attempt.
 struct Pipeline<'a> {
     cfg: &'a CdcConfig,
+    target: &'a PgTarget,
     sink: StreamSink,
     sql: Arc<tokio_postgres::Client>,
     builder: ChangeBuilder,
@@ -289,6 +340,12 @@ struct Pipeline<'a> {
     reported: Lsn,
     /// Highest keepalive position seen outside a transaction.
     safe: Lsn,
+    /// End of the last transaction seen: every later transaction commits past it.
+    last_end: Lsn,
+    /// Transactions the stream showed committing that snapshots may still see as running.
+    committed: CommittedXids,
+    /// A look at the oldest running transaction, to prune `committed`.
+    xmin_probe: Option<tokio::task::JoinHandle<Result<String, tokio_postgres::Error>>>,
     /// Highest safe LSN pushed into the window as a marker.
     marked: Lsn,
     /// LSN of the last heartbeat published (initially the resume point's LSN).
@@ -307,6 +364,7 @@ struct Pipeline<'a> {
 impl<'a> Pipeline<'a> {
     fn new(
         cfg: &'a CdcConfig,
+        target: &'a PgTarget,
         sink: StreamSink,
         sql: Arc<tokio_postgres::Client>,
         resume: ResumePoint,
@@ -323,6 +381,7 @@ impl<'a> Pipeline<'a> {
         };
         Pipeline {
             cfg,
+            target,
             sink,
             sql,
             builder: ChangeBuilder::new(db, cfg.nats.subject_prefix.clone()),
@@ -332,6 +391,9 @@ impl<'a> Pipeline<'a> {
             confirm_next: Lsn::ZERO,
             reported: Lsn::ZERO,
             safe: Lsn::ZERO,
+            last_end: Lsn::ZERO,
+            committed: CommittedXids::new(COMMITTED_XIDS_CAP),
+            xmin_probe: None,
             marked: Lsn::ZERO,
             heartbeat_lsn,
             heartbeat_repeatable,
@@ -381,6 +443,7 @@ impl<'a> Pipeline<'a> {
                 // 3. Standby status update (and the PubAck deadline).
                 _ = status_timer.tick() => {
                     self.check_ack_deadline()?;
+                    self.probe_xmin();
                     stream.send_status(self.confirm_next, false).await?;
                     self.reported = self.confirm_next;
                     self.confirm_next = self.confirmed;
@@ -425,6 +488,15 @@ impl<'a> Pipeline<'a> {
                         in_transaction = self.builder.in_transaction(),
                         "progress"
                     );
+                }
+                // 6d. A chunk read finished: its rows wait for the high watermark; a failure
+                // ends the attempt now rather than when the watermark never comes.
+                done = chunk_finished(&mut self.snapshots.current), if self.snapshots.current.as_ref().is_some_and(|c| c.chunk.is_some()) => {
+                    let rows = chunk_outcome(done)?;
+                    if let Some(current) = self.snapshots.current.as_mut() {
+                        current.chunk = None;
+                        current.read = Some(rows);
+                    }
                 }
                 // 7. The next replication message, while the window has room.
                 msg = stream.next_message(), if self.in_flight.len() < window => {
@@ -505,7 +577,18 @@ impl<'a> Pipeline<'a> {
     async fn on_output(&mut self, out: Output) -> Result<(), ReaderError> {
         match out {
             Output::Event(ev) => self.publish_event(ev).await?,
-            Output::TxEnd { end_lsn, .. } => self.push_marker(end_lsn),
+            Output::TxEnd {
+                end_lsn,
+                events,
+                xid,
+                ..
+            } => {
+                if events > 0 {
+                    self.committed.record(xid);
+                }
+                self.last_end = self.last_end.max(end_lsn);
+                self.push_marker(end_lsn);
+            }
             Output::Message(m) => {
                 if m.prefix == snapshot::WATERMARK_PREFIX {
                     self.on_watermark(&m.content, m.lsn).await?;
@@ -725,6 +808,24 @@ impl<'a> Pipeline<'a> {
                 .get(0);
             progress.estimate = u64::try_from(estimate).unwrap_or(0);
         }
+        // Changes to the table are watched from here on; any transaction that commits later
+        // commits past this position, so rows written before it and not confirmed by the
+        // snapshot are the ones the snapshot end may remove.
+        if progress.start_lsn.is_none() {
+            progress.start_lsn = Some(self.safe.max(self.last_end));
+        }
+        let unknown = self
+            .builder
+            .types()
+            .unknown(shape.columns.iter().map(|(_, oid)| *oid));
+        self.builder.types_mut().load(&self.sql, &unknown).await?;
+        if self.snapshots.reads.is_none() {
+            let reads = self.target.connect_sql().await?;
+            reads.batch_execute(snapshot::SESSION_SETTINGS).await?;
+            self.snapshots.reads = Some(Arc::new(reads));
+        }
+        let keys = shape.key.iter().map(|(k, _)| k.clone()).collect();
+        self.builder.start_watch(&schema, &table, keys);
         tracing::info!(table = %name, resume_after = ?progress.last_key, estimate = progress.estimate, "snapshot starting");
         let rows_at_start = progress.rows;
         self.snapshots.current = Some(CurrentSnapshot {
@@ -732,28 +833,58 @@ impl<'a> Pipeline<'a> {
             progress,
             chunk_id: 0,
             chunk: None,
+            read: None,
+            watch_from: self.committed.mark(),
             started: Instant::now(),
             rows_at_start,
         });
-        self.next_chunk();
+        self.next_chunk(Vec::new());
         Ok(())
     }
 
-    /// Starts reading the current table's next chunk (low watermark, read, high watermark).
-    fn next_chunk(&mut self) {
-        let limit = self.cfg.snapshot.chunk_rows;
+    /// Starts reading the current table's next chunk (low watermark, read, high watermark),
+    /// once the transactions `wait_visible` are visible.
+    fn next_chunk(&mut self, wait_visible: Vec<u32>) {
         self.snapshots.next_chunk_id += 1;
-        let id = self.snapshots.next_chunk_id;
-        let sql = Arc::clone(&self.sql);
-        let Some(current) = self.snapshots.current.as_mut() else {
+        let (Some(current), Some(sql)) = (
+            self.snapshots.current.as_mut(),
+            self.snapshots.reads.clone(),
+        ) else {
             return;
         };
+        let request = ChunkRequest {
+            id: self.snapshots.next_chunk_id,
+            after: current.progress.last_key.clone(),
+            limit: self.cfg.snapshot.chunk_rows,
+            wait_visible,
+        };
         let shape = current.shape.clone();
-        let last = current.progress.last_key.clone();
-        current.chunk_id = id;
+        current.chunk_id = request.id;
+        current.read = None;
         current.chunk = Some(tokio::spawn(async move {
-            snapshot::read_chunk(&sql, &shape, last.as_deref(), limit, id).await
+            snapshot::read_chunk(&sql, &shape, &request).await
         }));
+    }
+
+    /// Prunes the committed transaction ids by the oldest running transaction: takes the
+    /// result of the previous look, starts the next.
+    fn probe_xmin(&mut self) {
+        if self.xmin_probe.as_ref().is_some_and(|p| p.is_finished()) {
+            if let Some(Ok(Ok(text))) = self.xmin_probe.take().and_then(|p| p.now_or_never()) {
+                if let Some(snapshot) = SnapshotXids::parse(&text) {
+                    self.committed.forget_before(&snapshot);
+                }
+            }
+        }
+        if self.xmin_probe.is_none() && !self.committed.is_empty() {
+            let sql = Arc::clone(&self.sql);
+            self.xmin_probe = Some(tokio::spawn(async move {
+                let row = sql
+                    .query_one("SELECT pg_current_snapshot()::text", &[])
+                    .await?;
+                Ok(row.get(0))
+            }));
+        }
     }
 
     async fn on_watermark(&mut self, content: &[u8], lsn: Lsn) -> Result<(), ReaderError> {
@@ -762,24 +893,18 @@ impl<'a> Pipeline<'a> {
             return Ok(());
         };
         let id: u64 = id.parse().unwrap_or(0);
-        let Some(current) = self.snapshots.current.as_mut() else {
+        let Some(current) = self.snapshots.current.as_ref() else {
             return Ok(());
         };
         if current.chunk_id != id {
             // A watermark of a chunk this attempt did not start (e.g. before a restart).
             return Ok(());
         }
-        match kind {
-            "low" => {
-                if current.progress.start_lsn.is_none() {
-                    current.progress.start_lsn = Some(lsn);
-                }
-                let keys = current.shape.key.iter().map(|(k, _)| k.clone()).collect();
-                let (schema, table) = (current.shape.schema.clone(), current.shape.table.clone());
-                self.builder.start_watch(&schema, &table, keys);
-            }
-            "high" => self.finish_chunk(lsn).await?,
-            _ => {}
+        // The low watermark only marks where the chunk's read began in the WAL; which
+        // changes race the read is decided by its snapshot (see the module docs of
+        // `snapshot`), over everything watched since the previous high watermark.
+        if kind == "high" {
+            self.finish_chunk(lsn).await?;
         }
         Ok(())
     }
@@ -787,34 +912,42 @@ impl<'a> Pipeline<'a> {
     /// At the high watermark: publish the chunk's rows that no change raced, record progress,
     /// start the next chunk (or end the table's snapshot).
     async fn finish_chunk(&mut self, high: Lsn) -> Result<(), ReaderError> {
-        let race = self.builder.take_watch().unwrap_or_default();
+        let watched = self.builder.take_watched();
         let at = self.builder.current_commit_lsn().unwrap_or(high);
         let Some(current) = self.snapshots.current.as_mut() else {
             return Ok(());
         };
-        let Some(handle) = current.chunk.take() else {
-            return Ok(());
-        };
-        let rows = match tokio::time::timeout(CHUNK_WAIT, handle).await {
-            Ok(Ok(Ok(rows))) => rows,
-            Ok(Ok(Err(SnapshotError::Sql(e)))) => return Err(e.into()),
-            Ok(Ok(Err(e))) => {
-                return Err(ReplicationError::Protocol(format!("snapshot chunk: {e}")).into())
-            }
-            Ok(Err(e)) => {
-                return Err(ReplicationError::Protocol(format!("snapshot chunk task: {e}")).into())
-            }
-            Err(_) => {
-                return Err(ReplicationError::Protocol(
-                    "snapshot chunk read did not finish after its high watermark arrived".into(),
-                )
-                .into())
-            }
+        let rows = match (current.read.take(), current.chunk.take()) {
+            (Some(rows), _) => rows,
+            (None, Some(task)) => match tokio::time::timeout(CHUNK_WAIT, task).await {
+                Ok(done) => chunk_outcome(done)?,
+                Err(_) => {
+                    return Err(ReplicationError::Protocol(
+                        "snapshot chunk read did not finish after its high watermark arrived"
+                            .into(),
+                    )
+                    .into())
+                }
+            },
+            (None, None) => return Ok(()),
         };
         let shape = current.shape.clone();
         let table_name = format!("{}.{}", shape.schema, shape.table);
-        if rows.rows.is_empty() {
+        self.committed.forget_before(&rows.snapshot);
+        let unseen = self
+            .committed
+            .invisible_before(&rows.snapshot, current.watch_from);
+        if !unseen.is_empty() {
+            // Committed before the watch began, so their keys are unknown, and not visible to
+            // the read: read the chunk again once they are.
+            tracing::info!(table = %table_name, transactions = ?unseen, "snapshot chunk to be read again: committed transactions were not visible to its read");
+            self.builder.restore_watched(watched);
+            self.next_chunk(unseen);
+            return Ok(());
+        }
+        if rows.is_empty() {
             // The table is done: close it.
+            self.builder.stop_watch();
             let start = current.progress.start_lsn.unwrap_or(at);
             let end = snapshot::encode_end(
                 self.builder.db(),
@@ -833,30 +966,15 @@ impl<'a> Pipeline<'a> {
             self.push_progress(&shape.schema, &shape.table, progress);
             return Ok(());
         }
-        let last_key: Vec<String> = rows
-            .rows
-            .last()
-            .map(|r| {
-                shape
-                    .key_index
-                    .iter()
-                    .map(|&i| r.get(i).cloned().flatten().unwrap_or_default())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let kept: Vec<Vec<Option<String>>> = if race.truncated {
+        let last_key = rows.key(rows.len() - 1, &shape.key_index);
+        let race = watched.races(&rows.snapshot);
+        let kept: Vec<usize> = if race.truncated {
             Vec::new()
+        } else if race.keys.is_empty() {
+            (0..rows.len()).collect()
         } else {
-            rows.rows
-                .into_iter()
-                .filter(|r| {
-                    let key: Vec<String> = shape
-                        .key_index
-                        .iter()
-                        .map(|&i| r.get(i).cloned().flatten().unwrap_or_default())
-                        .collect();
-                    !race.keys.contains(&key)
-                })
+            (0..rows.len())
+                .filter(|&r| !race.keys.contains(&rows.key(r, &shape.key_index)))
                 .collect()
         };
         let events = snapshot::encode_rows(
@@ -864,6 +982,7 @@ impl<'a> Pipeline<'a> {
             &self.cfg.nats.subject_prefix,
             &shape,
             self.builder.types(),
+            &rows,
             &kept,
             at,
         );
@@ -887,7 +1006,7 @@ impl<'a> Pipeline<'a> {
             "snapshot progress"
         );
         self.push_progress(&shape.schema, &shape.table, progress);
-        self.next_chunk();
+        self.next_chunk(Vec::new());
         Ok(())
     }
 

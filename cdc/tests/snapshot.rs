@@ -327,3 +327,127 @@ async fn tables_without_primary_key_are_refused_clearly_and_still_stream() -> Re
     ensure!(got[0].event.after.as_ref().and_then(|a| a.get("line")) == Some(&Value::from("after")));
     Ok(())
 }
+
+/// A transaction whose commit record is in the WAL (and its change in the stream) but which
+/// snapshots still see as running: synchronous replication keeps it so while no standby
+/// confirms it. A chunk read then must not publish the row it changed as it was before: the
+/// read waits until the transaction is visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_but_invisible_change_is_not_overwritten_by_a_snapshot_read() -> Result<()> {
+    let env = Env::start(
+        "CREATE TABLE items (id bigint PRIMARY KEY, k int NOT NULL, name text NOT NULL);
+         INSERT INTO items SELECT g, 0, 'row ' || g FROM generate_series(1, 2000) g;",
+        &["public.items"],
+    )
+    .await?;
+    env.write_config(
+        &["public.items"],
+        "[snapshot]\ninitial = false\nchunk_rows = 500\n",
+    )?;
+    // Every session of the test database commits without waiting for a standby, except the
+    // one below that asks for it.
+    env.pg
+        .batch_execute(
+            "postgres",
+            &format!("ALTER DATABASE {} SET synchronous_commit = local", env.db),
+        )
+        .await?;
+    let mut reader = env.start_reader().await?;
+    env.pg
+        .batch_execute(
+            "postgres",
+            "ALTER SYSTEM SET synchronous_standby_names = 'absent_standby'",
+        )
+        .await?;
+    env.pg
+        .batch_execute("postgres", "SELECT pg_reload_conf()")
+        .await?;
+    // Delete rows with synchronous_commit = on until one delete is stuck waiting for the
+    // (absent) standby: the checkpointer applies the setting shortly after the reload.
+    let observer = env.sql().await?;
+    let mut stuck = None;
+    for id in 1..=50_i64 {
+        let session = env.sql().await?;
+        let delete = tokio::spawn(async move {
+            session
+                .batch_execute(&format!(
+                    "SET synchronous_commit = on; DELETE FROM items WHERE id = {id}"
+                ))
+                .await
+        });
+        let waiting = testkit::until(Duration::from_secs(2), "a SyncRep wait", || {
+            let observer = &observer;
+            let delete = &delete;
+            async move {
+                if delete.is_finished() {
+                    return Some(false);
+                }
+                let n: i64 = observer
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+                        &[],
+                    )
+                    .await
+                    .ok()?
+                    .get(0);
+                (n > 0).then_some(true)
+            }
+        })
+        .await?;
+        if waiting {
+            stuck = Some((id, delete));
+            break;
+        }
+    }
+    let (stuck_id, delete) = stuck.context("no delete ever waited for the standby")?;
+    // Its change is in the stream already.
+    testkit::until(
+        Duration::from_secs(60),
+        "the stuck delete in the stream",
+        || async {
+            let got = env.wait_for_events(1, Duration::from_secs(5)).await.ok()?;
+            got.iter()
+                .any(|r| {
+                    r.event.op == Op::Delete
+                        && r.event.before.as_ref().and_then(|b| b.get("id"))
+                            == Some(&Value::from(stuck_id))
+                })
+                .then_some(())
+        },
+    )
+    .await?;
+    // Snapshot the table while the delete is still invisible to every snapshot.
+    let snapshot = tokio::task::spawn_blocking({
+        let config = env.config.clone();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_cdc"))
+                .args(["snapshot", "--table", "public.items", "--config"])
+                .arg(config)
+                .output()
+        }
+    });
+    reader
+        .wait_for_output("committed but are not visible yet", Duration::from_secs(60))
+        .await?;
+    env.pg
+        .batch_execute("postgres", "ALTER SYSTEM RESET synchronous_standby_names")
+        .await?;
+    env.pg
+        .batch_execute("postgres", "SELECT pg_reload_conf()")
+        .await?;
+    delete.await??;
+    let out = snapshot.await??;
+    ensure!(
+        out.status.success(),
+        "cdc snapshot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = through_marker(&env, -1).await?;
+    let folded = fold(&all, "items");
+    ensure!(
+        !folded.contains_key(&stuck_id),
+        "row {stuck_id}, deleted before the snapshot read, came back from the snapshot"
+    );
+    compare(&folded, &table_rows(&env).await?)?;
+    Ok(())
+}

@@ -166,3 +166,29 @@ async fn every_listed_type_maps_to_the_documented_json() -> Result<()> {
     check_after(&body["after"], &expected_row1())?;
     Ok(())
 }
+
+/// Rows that exist before the reader starts reach the stream as snapshot reads (COPY's text
+/// format, not pgoutput's): their JSON must be the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_reads_map_every_listed_type_like_the_stream() -> Result<()> {
+    let env = Env::start(SCHEMA, &["public.all_types"]).await?;
+    env.sql().await?.batch_execute(INSERT).await?;
+    let _reader = env.start_reader().await?;
+    // Two reads and the snapshot end.
+    let got = env.wait_for_all_events(3, Duration::from_secs(60)).await?;
+    let reads: Vec<_> = got.iter().filter(|r| r.event.op == Op::Read).collect();
+    ensure!(reads.len() == 2, "{got:?}");
+    ensure!(
+        got.iter().any(|r| r.event.op == Op::SnapshotEnd),
+        "no snapshot end in {got:?}"
+    );
+    let row1 = Value::Object(reads[0].event.after.clone().context("row 1 has no after")?);
+    check_after(&row1, &expected_row1())?;
+    let row2 = Value::Object(reads[1].event.after.clone().context("row 2 has no after")?);
+    let mut want2 = expected_row1();
+    for (col, v) in want2.as_object_mut().context("object")? {
+        *v = if col == "id" { json!(2) } else { Value::Null };
+    }
+    check_after(&row2, &want2)?;
+    Ok(())
+}
