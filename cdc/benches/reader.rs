@@ -91,13 +91,13 @@ async fn main() -> Result<()> {
     anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
     let recv_secs = t.elapsed().as_secs_f64();
 
-    // The reader.
+    // The reader (no initial snapshot: the backlog is the measurement).
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("cdc.toml");
     std::fs::write(
         &config,
         format!(
-            "[postgres]\nurl = {:?}\nslot = \"cdc_slot\"\npublication = \"cdc_pub\"\ntables = [\"public.top_clients\"]\n\n[nats]\nurl = {:?}\n",
+            "[postgres]\nurl = {:?}\nslot = \"cdc_slot\"\npublication = \"cdc_pub\"\ntables = [\"public.top_clients\"]\n\n[nats]\nurl = {:?}\n\n[snapshot]\ninitial = false\n",
             pg.url(&db),
             nats.url()
         ),
@@ -111,6 +111,7 @@ async fn main() -> Result<()> {
     let t = Instant::now();
     let mut reader = testkit::spawn_logged(cmd, "cdc")?;
     let subject = "cdc.public.top_clients".to_string();
+    let nats_cpu0 = nats.pid().and_then(testkit::cpu_time).unwrap_or_default();
     let reader_secs = common::seconds_until_count(
         &js,
         &subject,
@@ -125,6 +126,12 @@ async fn main() -> Result<()> {
         .await?
         .get_last_raw_message_by_subject(&subject)
         .await?;
+    let reader_cpu = reader.cpu_time().unwrap_or_default();
+    let nats_cpu = nats
+        .pid()
+        .and_then(testkit::cpu_time)
+        .unwrap_or_default()
+        .saturating_sub(nats_cpu0);
     reader.signal(testkit::Signal::Term)?;
     reader.wait_with_timeout(Duration::from_secs(10)).await?;
 
@@ -211,6 +218,13 @@ async fn main() -> Result<()> {
         "| cdc reader: commit → PubAck, end to end | {reader_secs:.2} | {:.0} | {:.0}% |",
         rate(reader_secs),
         100.0 * recv_secs / reader_secs
+    );
+    let per_event = |cpu: Duration| cpu.as_secs_f64() * 1e6 / events as f64;
+    println!();
+    println!(
+        "CPU per event during the reader's run: reader {:.1} µs, nats-server {:.1} µs",
+        per_event(reader_cpu),
+        per_event(nats_cpu)
     );
     Ok(())
 }

@@ -117,6 +117,11 @@ impl Nats {
         self.monitor_port
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The JetStream store dir (kept across restarts).
     pub fn store_dir(&self) -> &Path {
         &self.store_dir
