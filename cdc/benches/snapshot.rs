@@ -60,9 +60,16 @@ async fn main() -> Result<()> {
     let t = Instant::now();
     let mut reader = testkit::spawn_logged(cmd, "cdc")?;
     let subject = "cdc.public.top_clients".to_string();
+    let nats_cpu0 = nats.pid().and_then(testkit::cpu_time).unwrap_or_default();
     let snap_secs =
         common::seconds_until_count(&js, &subject, rows, t, Duration::from_secs(900), &reader)
             .await?;
+    let reader_cpu = reader.cpu_time().unwrap_or_default();
+    let nats_cpu = nats
+        .pid()
+        .and_then(testkit::cpu_time)
+        .unwrap_or_default()
+        .saturating_sub(nats_cpu0);
     reader.signal(testkit::Signal::Term)?;
     reader.wait_with_timeout(Duration::from_secs(10)).await?;
 
@@ -75,5 +82,12 @@ async fn main() -> Result<()> {
         rate(copy_secs)
     );
     println!("| cdc snapshot → JetStream (PubAck), from process start | {snap_secs:.2} | {:.0} | {:.0}% |", rate(snap_secs), 100.0 * copy_secs / snap_secs);
+    let per_row = |cpu: Duration| cpu.as_secs_f64() * 1e6 / rows as f64;
+    println!();
+    println!(
+        "CPU per row during the snapshot: reader {:.1} µs, nats-server {:.1} µs",
+        per_row(reader_cpu),
+        per_row(nats_cpu)
+    );
     Ok(())
 }

@@ -36,6 +36,9 @@ pub struct EncodedEvent {
     pub ordinal: u64,
     /// The envelope JSON.
     pub body: Vec<u8>,
+    /// The last event of its source transaction (or snapshot chunk): the reader asks for its
+    /// PubAck.
+    pub last: bool,
 }
 
 /// What the reader must do after feeding a message to the [`ChangeBuilder`].
@@ -326,6 +329,7 @@ impl ChangeBuilder {
 
     fn flush_pending(&mut self, last: bool, out: &mut Vec<Output>) {
         if let Some(mut ev) = self.pending.take() {
+            ev.last = last;
             // The tail left open by `change`.
             ev.body
                 .extend_from_slice(if last { b"true}," } else { b"false}," });
@@ -419,6 +423,7 @@ impl ChangeBuilder {
             commit_lsn,
             ordinal,
             body,
+            last: true,
         };
         match xid {
             Some(x) => {

@@ -6,10 +6,17 @@
 //! predecessor is not the stream's last message, so a publish lost in a NATS restart can never
 //! leave a gap that a later message would paper over: the reader sees the refusal, restarts
 //! from the slot, and re-publishes from the stream's true last position.
+//!
+//! The same chain makes one PubAck speak for every message before it: the server stores a
+//! message only while its predecessor is the stream's last, so an acknowledged message proves
+//! that the whole chain up to it is stored. The reader therefore asks for a PubAck only where
+//! it needs one (the last event of a source transaction, heartbeats, the last row of a
+//! snapshot chunk) and on every [`ACK_EVERY`]th message in between; the server spends less on
+//! replies and the reader less on reading them.
 
 use std::time::Duration;
 
-use async_nats::header::HeaderMap;
+use async_nats::header::{HeaderMap, HeaderName, HeaderValue, IntoHeaderName as _};
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -24,6 +31,10 @@ use crate::subject;
 
 /// Room left under `max_payload` for headers and protocol framing.
 const HEADER_ROOM: usize = 4096;
+/// Inside a long run of messages that need no PubAck of their own, every this many asks for
+/// one anyway, so that acknowledgements keep flowing (the publish window drains and the PubAck
+/// deadline keeps meaning something).
+pub const ACK_EVERY: u64 = 64;
 /// How far back from the stream's end to look for the last message the reader wrote.
 const RESUME_SCAN_LIMIT: u64 = 1000;
 
@@ -129,10 +140,48 @@ pub struct Outgoing {
     pub subject: async_nats::Subject,
     /// `Nats-Msg-Id`.
     pub msg_id: String,
-    /// Other headers.
-    pub headers: Vec<(&'static str, String)>,
+    /// The `Cdc-*` headers of a change event (none for heartbeats).
+    pub event: Option<EventHeaders>,
     /// Body.
     pub body: Bytes,
+    /// Ask for its PubAck (see the module docs; every [`ACK_EVERY`]th message asks anyway).
+    pub want_ack: bool,
+}
+
+/// The headers of a change event besides the de-duplication id and the chain.
+#[derive(Debug, Clone)]
+pub struct EventHeaders {
+    /// `Cdc-Op`.
+    pub op: &'static str,
+    /// `Cdc-Table` (`schema.table`).
+    pub table: std::sync::Arc<str>,
+    /// `Cdc-Commit-Lsn`.
+    pub commit_lsn: Lsn,
+}
+
+/// Header names built once: names outside NATS' own set are otherwise validated and copied
+/// on every insert.
+#[derive(Debug)]
+struct HeaderNames {
+    msg_id: HeaderName,
+    expected_last: HeaderName,
+    op: HeaderName,
+    table: HeaderName,
+    commit_lsn: HeaderName,
+    large_ref: HeaderName,
+}
+
+impl HeaderNames {
+    fn new() -> Self {
+        HeaderNames {
+            msg_id: HEADER_MSG_ID.into_header_name(),
+            expected_last: "Nats-Expected-Last-Msg-Id".into_header_name(),
+            op: HEADER_OP.into_header_name(),
+            table: HEADER_TABLE.into_header_name(),
+            commit_lsn: HEADER_COMMIT_LSN.into_header_name(),
+            large_ref: HEADER_LARGE_REF.into_header_name(),
+        }
+    }
 }
 
 /// The connected JetStream destination.
@@ -151,6 +200,7 @@ pub struct StreamSink {
     inbox: String,
     acks: async_nats::Subscriber,
     next_ticket: u64,
+    names: HeaderNames,
 }
 
 /// A publish whose PubAck is outstanding, identified by the order it was sent in.
@@ -226,6 +276,7 @@ impl StreamSink {
             inbox,
             acks,
             next_ticket: 0,
+            names: HeaderNames::new(),
             client,
             js,
             stream_name: cfg.stream.clone(),
@@ -301,36 +352,54 @@ impl StreamSink {
         Ok(point)
     }
 
-    /// Publishes one message in order; its PubAck arrives later through [`StreamSink::next_ack`]
-    /// with the returned ticket.
-    pub async fn publish(&mut self, msg: Outgoing) -> Result<Ticket, PublishError> {
+    /// Publishes one message in order and returns its ticket. When the message asks for a
+    /// PubAck (or is an [`ACK_EVERY`]th one), the ack arrives later through
+    /// [`StreamSink::next_ack`] with this ticket, and it covers every earlier ticket too.
+    /// Returns whether an ack was asked for.
+    pub async fn publish(&mut self, msg: Outgoing) -> Result<(Ticket, bool), PublishError> {
+        let names = &self.names;
         let mut headers = HeaderMap::new();
-        headers.insert(HEADER_MSG_ID, msg.msg_id.as_str());
-        if let Some(prev) = &self.last_msg_id {
-            headers.insert("Nats-Expected-Last-Msg-Id", prev.as_str());
+        headers.insert(names.msg_id.clone(), HeaderValue::from(msg.msg_id.as_str()));
+        if let Some(prev) = self.last_msg_id.take() {
+            headers.insert(names.expected_last.clone(), HeaderValue::from(prev));
         }
-        for (k, v) in &msg.headers {
-            headers.insert(*k, v.as_str());
+        if let Some(ev) = &msg.event {
+            headers.insert(names.op.clone(), HeaderValue::from(ev.op));
+            headers.insert(names.table.clone(), HeaderValue::from(&*ev.table));
+            headers.insert(
+                names.commit_lsn.clone(),
+                HeaderValue::from(ev.commit_lsn.to_string()),
+            );
         }
-        let limit = self.client.server_info().max_payload;
+        let limit = self.client.max_payload();
         let mut body = msg.body;
         if body.len() + HEADER_ROOM > limit {
             self.put_large(&msg.msg_id, &body).await?;
-            headers.insert(HEADER_LARGE_REF, msg.msg_id.as_str());
+            headers.insert(
+                self.names.large_ref.clone(),
+                HeaderValue::from(msg.msg_id.as_str()),
+            );
             body = Bytes::new();
         }
         let ticket = self.next_ticket;
-        let reply = format!("{}.{ticket}", self.inbox);
-        self.client
-            .publish_with_reply_and_headers(msg.subject.clone(), reply, headers, body)
-            .await
-            .map_err(|e| PublishError::Publish {
-                subject: msg.subject.to_string(),
-                message: e.to_string(),
-            })?;
+        let want_ack = msg.want_ack || ticket % ACK_EVERY == ACK_EVERY - 1;
+        let sent = if want_ack {
+            let reply = format!("{}.{ticket}", self.inbox);
+            self.client
+                .publish_with_reply_and_headers(msg.subject.clone(), reply, headers, body)
+                .await
+        } else {
+            self.client
+                .publish_with_headers(msg.subject.clone(), headers, body)
+                .await
+        };
+        sent.map_err(|e| PublishError::Publish {
+            subject: msg.subject.to_string(),
+            message: e.to_string(),
+        })?;
         self.next_ticket += 1;
         self.last_msg_id = Some(msg.msg_id);
-        Ok(ticket)
+        Ok((ticket, want_ack))
     }
 
     /// The next PubAck: the ticket it answers, or the server's refusal. Cancel-safe.
@@ -374,7 +443,7 @@ impl StreamSink {
 
     /// Publishes a heartbeat for `lsn`. (Not with `Nats-Rollup`: on nats-server 2.9 a rollup
     /// makes active ordered consumers skip stored messages; stream retention bounds them.)
-    pub async fn publish_heartbeat(&mut self, lsn: Lsn) -> Result<Ticket, PublishError> {
+    pub async fn publish_heartbeat(&mut self, lsn: Lsn) -> Result<(Ticket, bool), PublishError> {
         self.heartbeat_seq += 1;
         let body = serde_json::to_vec(&Heartbeat { lsn }).unwrap_or_default();
         let msg = Outgoing {
@@ -384,8 +453,9 @@ impl StreamSink {
                 crate::events::now_ms(),
                 self.heartbeat_seq
             ),
-            headers: Vec::new(),
+            event: None,
             body: Bytes::from(body),
+            want_ack: true,
         };
         self.publish(msg).await
     }
@@ -441,15 +511,6 @@ struct AckError {
     err_code: u64,
     #[serde(default)]
     description: String,
-}
-
-/// Headers of a change event.
-pub fn event_headers(op: &str, table: &str, commit_lsn: Lsn) -> Vec<(&'static str, String)> {
-    vec![
-        (HEADER_OP, op.to_string()),
-        (HEADER_TABLE, table.to_string()),
-        (HEADER_COMMIT_LSN, commit_lsn.to_string()),
-    ]
 }
 
 /// A URL with any `user:password@` removed, for messages.

@@ -27,7 +27,7 @@ use crate::events::{ChangeBuilder, EncodedEvent, Output, UnknownRelation};
 use crate::lsn::Lsn;
 use crate::pgconn::{PgConnError, PgTarget};
 use crate::pgoutput::{self, LogicalMessage};
-use crate::publish::{event_headers, Outgoing, PublishError, ResumePoint, StreamSink, Ticket};
+use crate::publish::{EventHeaders, Outgoing, PublishError, ResumePoint, StreamSink, Ticket};
 use crate::replication::{ReplicationError, ReplicationSession, ReplicationStream};
 use crate::setup::{self, SetupError, SlotState};
 use crate::snapshot::{
@@ -329,6 +329,8 @@ struct Pipeline<'a> {
     builder: ChangeBuilder,
     resume: ResumePoint,
     in_flight: VecDeque<InFlight>,
+    /// The newest publish that asked for its own PubAck.
+    last_ack_asked: Option<Ticket>,
     /// Highest LSN whose every change has its PubAck.
     confirmed: Lsn,
     /// What the next status update confirms: `confirmed` as of the previous update. Lagging
@@ -387,6 +389,7 @@ impl<'a> Pipeline<'a> {
             builder: ChangeBuilder::new(db, cfg.nats.subject_prefix.clone()),
             resume,
             in_flight: VecDeque::with_capacity(cfg.nats.max_in_flight),
+            last_ack_asked: None,
             confirmed: Lsn::ZERO,
             confirm_next: Lsn::ZERO,
             reported: Lsn::ZERO,
@@ -437,7 +440,7 @@ impl<'a> Pipeline<'a> {
                     return self.drain_and_finish(stream).await;
                 }
                 // 2. PubAcks.
-                ack = self.sink.next_ack(), if !self.in_flight.is_empty() => {
+                ack = self.sink.next_ack(), if self.awaiting_ack() => {
                     self.on_ack(ack?);
                 }
                 // 3. Standby status update (and the PubAck deadline).
@@ -608,12 +611,17 @@ impl<'a> Pipeline<'a> {
         let msg = Outgoing {
             subject: ev.subject,
             msg_id: msg_id(ev.commit_lsn, ev.ordinal),
-            headers: event_headers(ev.op.code(), &ev.table, ev.commit_lsn),
+            event: Some(EventHeaders {
+                op: ev.op.code(),
+                table: ev.table,
+                commit_lsn: ev.commit_lsn,
+            }),
             body: ev.body.into(),
+            want_ack: ev.last,
         };
-        let ticket = self.sink.publish(msg).await?;
+        let sent = self.sink.publish(msg).await?;
         self.published += 1;
-        self.push_publish(ticket, None);
+        self.push_publish(sent, None);
         Ok(())
     }
 
@@ -633,15 +641,19 @@ impl<'a> Pipeline<'a> {
             return Ok(());
         }
         let lsn = self.safe.max(self.heartbeat_lsn);
-        let ticket = self.sink.publish_heartbeat(lsn).await?;
+        let sent = self.sink.publish_heartbeat(lsn).await?;
         self.heartbeat_lsn = lsn;
         self.heartbeat_repeatable = true;
         self.heartbeat_at = Instant::now();
-        self.push_publish(ticket, Some(lsn));
+        self.push_publish(sent, Some(lsn));
         Ok(())
     }
 
-    fn push_publish(&mut self, ticket: Ticket, confirm: Option<Lsn>) {
+    /// Records a publish (its ticket, and whether its own PubAck was asked for).
+    fn push_publish(&mut self, (ticket, acked_later): (Ticket, bool), confirm: Option<Lsn>) {
+        if acked_later {
+            self.last_ack_asked = Some(ticket);
+        }
         self.in_flight.push_back(InFlight {
             ticket: Some(ticket),
             confirm,
@@ -662,14 +674,29 @@ impl<'a> Pipeline<'a> {
         self.pop_acked();
     }
 
-    /// Marks `ticket` acknowledged and moves past every acknowledged entry at the front.
+    /// Marks `ticket` and every earlier publish acknowledged (the no-gap chain: the server
+    /// stored `ticket` only after all of them) and moves past the acknowledged front.
     fn on_ack(&mut self, ticket: Ticket) {
-        // Acks come in publish order, so the entry is at or near the front.
-        match self.in_flight.iter_mut().find(|e| e.ticket == Some(ticket)) {
-            Some(entry) => entry.acked = true,
-            None => tracing::debug!(ticket, "PubAck for a publish no longer in the window"),
+        for entry in self.in_flight.iter_mut() {
+            match entry.ticket {
+                Some(t) if t > ticket => break,
+                _ => entry.acked = true,
+            }
         }
         self.pop_acked();
+    }
+
+    /// True while a publish whose PubAck was asked for (and so covers everything before it)
+    /// is outstanding. Publishes after the last such one are acknowledged by a later one.
+    fn awaiting_ack(&self) -> bool {
+        let Some(last) = self.last_ack_asked else {
+            return false;
+        };
+        self.in_flight
+            .iter()
+            .find(|e| !e.acked)
+            .and_then(|e| e.ticket)
+            .is_some_and(|t| t <= last)
     }
 
     fn pop_acked(&mut self) {
@@ -680,9 +707,10 @@ impl<'a> Pipeline<'a> {
             if let Some(lsn) = entry.confirm {
                 self.confirmed = self.confirmed.max(lsn);
             }
-            if let (Some((schema, table, progress)), Some(store)) =
-                (entry.progress, self.snapshots.store.clone())
-            {
+            let Some((schema, table, progress)) = entry.progress else {
+                continue;
+            };
+            if let Some(store) = self.snapshots.store.clone() {
                 // Durable in the stream: record it. Losing this write only repeats a chunk.
                 tokio::spawn(async move {
                     if let Err(e) = store.put(&schema, &table, &progress).await {
@@ -1013,19 +1041,31 @@ impl<'a> Pipeline<'a> {
     /// Fails the attempt when the oldest publish has waited longer than the PubAck timeout.
     fn check_ack_deadline(&self) -> Result<(), ReaderError> {
         let timeout = self.cfg.ack_timeout();
+        // Only publishes an asked-for PubAck will cover: the ones after the last such wait,
+        // without a deadline, for the next (their transaction has not ended yet).
+        let Some(last) = self.last_ack_asked else {
+            return Ok(());
+        };
         match self.in_flight.iter().find(|e| !e.acked) {
-            Some(oldest) if oldest.sent_at.elapsed() > timeout => Err(PublishError::Publish {
-                subject: self.cfg.nats.stream.clone(),
-                message: format!("no PubAck within {timeout:?} (NATS unreachable or overloaded)"),
+            Some(oldest)
+                if oldest.ticket.is_some_and(|t| t <= last)
+                    && oldest.sent_at.elapsed() > timeout =>
+            {
+                Err(PublishError::Publish {
+                    subject: self.cfg.nats.stream.clone(),
+                    message: format!(
+                        "no PubAck within {timeout:?} (NATS unreachable or overloaded)"
+                    ),
+                }
+                .into())
             }
-            .into()),
             _ => Ok(()),
         }
     }
 
     async fn drain_and_finish(mut self, stream: ReplicationStream) -> Result<(), ReaderError> {
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-        while !self.in_flight.is_empty() {
+        while self.awaiting_ack() {
             match tokio::time::timeout_at(deadline, self.sink.next_ack()).await {
                 Ok(Ok(ticket)) => self.on_ack(ticket),
                 Ok(Err(e)) => {

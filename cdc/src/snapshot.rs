@@ -669,6 +669,7 @@ pub fn encode_rows(
                 commit_lsn: at,
                 ordinal,
                 body,
+                last: ordinal == n as u64,
             }
         })
         .collect()
@@ -698,6 +699,7 @@ pub fn encode_end(db: &str, prefix: &str, shape: &TableShape, start: Lsn, at: Ls
         commit_lsn: at,
         ordinal: 1,
         body,
+        last: true,
     }
 }
 
