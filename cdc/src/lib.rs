@@ -10,6 +10,7 @@ pub mod config;
 pub mod envelope;
 pub mod events;
 pub mod lsn;
+pub mod metrics;
 pub mod observe;
 pub mod pgconn;
 pub mod publish;
