@@ -1,0 +1,246 @@
+//! Operations: the idle-slot guard, the metrics endpoint, `cdc status`, `cdc tail`, and no
+//! secret in any output.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _, Result};
+use common::Env;
+use testkit::{PgOptions, Postgres, Signal};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const TABLE: &str = "CREATE TABLE items (id bigint PRIMARY KEY, v text)";
+const WAIT: Duration = Duration::from_secs(60);
+const MB: i64 = 1024 * 1024;
+
+/// WAL retained behind `slot`: `pg_current_wal_lsn() - restart_lsn`, bytes.
+async fn retained(sql: &tokio_postgres::Client, slot: &str) -> Result<i64> {
+    let row = sql
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .with_context(|| format!("reading slot {slot}"))?;
+    Ok(row.get(0))
+}
+
+/// The published tables stay idle while another database of the cluster writes ≥ 200 MB of
+/// WAL. Within 60 s of that writer stopping, the reader's slot retains < 64 MB, while an unread
+/// logical slot of the same cluster (no guard) still retains ≥ 200 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_slot_does_not_retain_wal_written_by_other_databases() -> Result<()> {
+    // Checkpoints triggered by WAL volume would only add WAL; keep them out of the measurement.
+    let pg = Postgres::start_with(PgOptions {
+        extra_conf: vec!["max_wal_size = '4GB'".into(), "checkpoint_timeout = '1h'".into()],
+        ..PgOptions::default()
+    })
+    .await?;
+    let env = Env::with_servers(pg, testkit::Nats::start().await?, TABLE, &["public.items"]).await?;
+    let _reader = env.start_reader().await?;
+    let sql = env.sql().await?;
+    sql.batch_execute(
+        "SELECT pg_create_logical_replication_slot('control_unread', 'pgoutput')",
+    )
+    .await?;
+
+    let other = env.pg.create_database("other").await?;
+    let writer = env.pg.connect(&other).await?;
+    writer
+        .batch_execute("CREATE TABLE filler (id bigint, pad text)")
+        .await?;
+    let start_lsn: String = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let started = Instant::now();
+    let mut written = 0;
+    let mut next_id = 0i64;
+    while written < 210 * MB {
+        // ~25 MB of WAL per statement: 1 KiB rows (below the TOAST threshold, so uncompressed).
+        writer
+            .execute(
+                "INSERT INTO filler SELECT g, repeat(md5(g::text), 32) \
+                 FROM generate_series($1::bigint, $1::bigint + 24999) g",
+                &[&next_id],
+            )
+            .await?;
+        next_id += 25_000;
+        written = sql
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint",
+                &[&start_lsn],
+            )
+            .await?
+            .get(0);
+    }
+    let wrote_in = started.elapsed();
+    let stopped = Instant::now();
+
+    let reader_retained = testkit::until_ok(
+        WAIT,
+        "the reader's slot to retain less than 64 MB",
+        || async {
+            let r = retained(&sql, "cdc_slot").await?;
+            if r < 64 * MB {
+                Ok(r)
+            } else {
+                Err(anyhow::anyhow!("retains {} MB", r / MB))
+            }
+        },
+    )
+    .await?;
+    let took = stopped.elapsed();
+    let control = retained(&sql, "control_unread").await?;
+    eprintln!(
+        "wrote {} MB of WAL in {wrote_in:?}; the reader's slot retained {} KB {took:?} later; the unread slot {} MB",
+        written / MB,
+        reader_retained / 1024,
+        control / MB
+    );
+    ensure!(
+        control >= 200 * MB,
+        "the unread control slot retains only {} MB: the test did not write enough WAL",
+        control / MB
+    );
+    // The published table was really idle: nothing but heartbeats in the stream.
+    let events: Vec<_> = common::read_from(&env.jetstream().await?, &env.stream, &env.prefix, 1)
+        .await?
+        .events
+        .into_iter()
+        .filter(|r| !r.event.source.snapshot)
+        .collect();
+    ensure!(events.is_empty(), "the published table was not idle: {events:?}");
+    sql.batch_execute("SELECT pg_drop_replication_slot('control_unread')")
+        .await?;
+    Ok(())
+}
+
+/// `GET path` on `addr`; returns the status code and the body.
+async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the metrics endpoint {addr}"))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .context("metrics endpoint did not answer")??;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status line in {out:?}"))?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((status, body.to_string()))
+}
+
+/// The value of the sample `series` (name with labels, as rendered) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// The reader with a metrics port: counters move with writes, /readyz is 200 while streaming
+/// and turns 503 when NATS goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_writes_and_readiness_follows_nats() -> Result<()> {
+    let mut env = Env::start(TABLE, &["public.items"]).await?;
+    let addr = format!("127.0.0.1:{}", testkit::free_port());
+    env.write_config(
+        &["public.items"],
+        &format!("\n[metrics]\nlisten = {addr:?}\n"),
+    )?;
+    let reader = env.start_reader().await?;
+
+    let (status, body) = http_get(&addr, "/healthz").await?;
+    ensure!(status == 200, "/healthz {status}: {body}");
+    let sql = env.sql().await?;
+    sql.batch_execute(
+        "INSERT INTO items SELECT g, 'row ' || g FROM generate_series(1, 100) g;
+         UPDATE items SET v = 'changed' WHERE id <= 10;
+         DELETE FROM items WHERE id = 1;",
+    )
+    .await?;
+    env.wait_for_events(111, WAIT).await?;
+    let scrape = testkit::until_ok(WAIT, "the counters to show the writes", || async {
+        let (status, text) = http_get(&addr, "/metrics").await?;
+        ensure!(status == 200, "/metrics {status}");
+        let c = sample(&text, "cdc_reader_events_published_total{op=\"c\"}");
+        let u = sample(&text, "cdc_reader_events_published_total{op=\"u\"}");
+        let d = sample(&text, "cdc_reader_events_published_total{op=\"d\"}");
+        let acks = sample(&text, "cdc_reader_publish_latency_seconds_count");
+        ensure!(
+            c == Some(100.0) && u == Some(10.0) && d == Some(1.0) && acks >= Some(111.0),
+            "c={c:?} u={u:?} d={d:?} acks={acks:?}"
+        );
+        Ok(text)
+    })
+    .await?;
+    for (series, at_least) in [
+        ("cdc_reader_event_bytes_published_total{op=\"c\"}", 100.0 * 50.0),
+        ("cdc_reader_heartbeats_published_total", 1.0),
+        ("cdc_reader_sessions_started_total", 1.0),
+        ("cdc_reader_streaming", 1.0),
+        ("cdc_reader_last_commit_lsn", 1.0),
+        ("cdc_reader_last_commit_timestamp_seconds", 1.7e9),
+        ("cdc_reader_confirmed_lsn", 1.0),
+    ] {
+        let v = sample(&scrape, series).with_context(|| format!("{series} missing:\n{scrape}"))?;
+        ensure!(v >= at_least, "{series} = {v}, expected ≥ {at_least}");
+    }
+    for series in [
+        "cdc_reader_replication_lag_bytes",
+        "cdc_reader_replication_lag_seconds",
+        "cdc_reader_attempt_failures_total",
+    ] {
+        ensure!(
+            sample(&scrape, series).is_some(),
+            "{series} missing:\n{scrape}"
+        );
+    }
+    // Caught up: the lag comes back to zero.
+    testkit::until_ok(WAIT, "the lag to be zero once caught up", || async {
+        let (_, text) = http_get(&addr, "/metrics").await?;
+        let bytes = sample(&text, "cdc_reader_replication_lag_bytes");
+        let secs = sample(&text, "cdc_reader_replication_lag_seconds");
+        ensure!(
+            bytes == Some(0.0) && secs == Some(0.0),
+            "lag bytes {bytes:?}, seconds {secs:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    let (status, body) = http_get(&addr, "/readyz").await?;
+    ensure!(status == 200, "/readyz {status}: {body}");
+
+    env.nats.stop().await?;
+    let body = testkit::until_ok(WAIT, "/readyz to answer 503", || async {
+        let (status, body) = http_get(&addr, "/readyz").await?;
+        ensure!(status == 503, "/readyz {status}: {body}");
+        Ok(body)
+    })
+    .await?;
+    ensure!(body.contains("not streaming"), "{body}");
+    let (status, _) = http_get(&addr, "/healthz").await?;
+    ensure!(status == 200, "/healthz {status} while NATS is down");
+
+    // NATS back: ready again (the client reconnects by itself, or the reader starts a new
+    // session), and streaming.
+    env.nats.start_again().await?;
+    testkit::until_ok(WAIT, "/readyz to answer 200 again", || async {
+        let (status, body) = http_get(&addr, "/readyz").await?;
+        ensure!(status == 200, "/readyz {status}: {body}");
+        Ok(())
+    })
+    .await?;
+    sql.batch_execute("INSERT INTO items VALUES (1000, 'after the outage')")
+        .await?;
+    env.wait_for_events(112, WAIT).await?;
+    reader.signal(Signal::Term)?;
+    Ok(())
+}
