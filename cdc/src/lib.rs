@@ -18,7 +18,9 @@ pub mod reader;
 pub mod replication;
 pub mod setup;
 pub mod snapshot;
+pub mod status;
 pub mod subject;
+pub mod tail;
 
 pub use envelope::{ChangeEvent, Op};
 pub use lsn::Lsn;

@@ -34,17 +34,19 @@ async fn retained(sql: &tokio_postgres::Client, slot: &str) -> Result<i64> {
 async fn idle_slot_does_not_retain_wal_written_by_other_databases() -> Result<()> {
     // Checkpoints triggered by WAL volume would only add WAL; keep them out of the measurement.
     let pg = Postgres::start_with(PgOptions {
-        extra_conf: vec!["max_wal_size = '4GB'".into(), "checkpoint_timeout = '1h'".into()],
+        extra_conf: vec![
+            "max_wal_size = '4GB'".into(),
+            "checkpoint_timeout = '1h'".into(),
+        ],
         ..PgOptions::default()
     })
     .await?;
-    let env = Env::with_servers(pg, testkit::Nats::start().await?, TABLE, &["public.items"]).await?;
+    let env =
+        Env::with_servers(pg, testkit::Nats::start().await?, TABLE, &["public.items"]).await?;
     let _reader = env.start_reader().await?;
     let sql = env.sql().await?;
-    sql.batch_execute(
-        "SELECT pg_create_logical_replication_slot('control_unread', 'pgoutput')",
-    )
-    .await?;
+    sql.batch_execute("SELECT pg_create_logical_replication_slot('control_unread', 'pgoutput')")
+        .await?;
 
     let other = env.pg.create_database("other").await?;
     let writer = env.pg.connect(&other).await?;
@@ -112,7 +114,10 @@ async fn idle_slot_does_not_retain_wal_written_by_other_databases() -> Result<()
         .into_iter()
         .filter(|r| !r.event.source.snapshot)
         .collect();
-    ensure!(events.is_empty(), "the published table was not idle: {events:?}");
+    ensure!(
+        events.is_empty(),
+        "the published table was not idle: {events:?}"
+    );
     sql.batch_execute("SELECT pg_drop_replication_slot('control_unread')")
         .await?;
     Ok(())
@@ -182,7 +187,10 @@ async fn metrics_count_writes_and_readiness_follows_nats() -> Result<()> {
     })
     .await?;
     for (series, at_least) in [
-        ("cdc_reader_event_bytes_published_total{op=\"c\"}", 100.0 * 50.0),
+        (
+            "cdc_reader_event_bytes_published_total{op=\"c\"}",
+            100.0 * 50.0,
+        ),
         ("cdc_reader_heartbeats_published_total", 1.0),
         ("cdc_reader_sessions_started_total", 1.0),
         ("cdc_reader_streaming", 1.0),
@@ -242,5 +250,162 @@ async fn metrics_count_writes_and_readiness_follows_nats() -> Result<()> {
         .await?;
     env.wait_for_events(112, WAIT).await?;
     reader.signal(Signal::Term)?;
+    Ok(())
+}
+
+/// What a finished `cdc` command printed.
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cdc <args>` to completion (bounded), with `RUST_LOG=debug`.
+async fn cdc(args: &[&str]) -> Result<Output> {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cdc"));
+    cmd.args(args)
+        .env("RUST_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .with_context(|| format!("cdc {args:?} did not finish within 60 s"))??;
+    Ok(Output {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// `cdc status` before and while the reader runs, as a table and as JSON, with a durable
+/// consumer's lag; and with NATS down: the Postgres part still shown, one line saying what
+/// is unavailable, exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_slot_stream_heartbeat_and_consumer_lag() -> Result<()> {
+    let mut env = Env::start(TABLE, &["public.items"]).await?;
+    let config = env.config.to_string_lossy().into_owned();
+
+    // Nothing yet: the slot and the stream are missing, which is a state, not a failure.
+    let before = cdc(&["status", "--config", &config, "--json"]).await?;
+    ensure!(
+        before.code == Some(0),
+        "exit {:?}\n{}",
+        before.code,
+        before.all()
+    );
+    let json: serde_json::Value = serde_json::from_str(&before.stdout)?;
+    ensure!(json["postgres"]["exists"] == false, "{json}");
+    ensure!(json["nats"]["exists"] == false, "{json}");
+
+    let _reader = env.start_reader().await?;
+    // The (empty) table's snapshot ends first, so the stream holds its end event and 5 inserts.
+    env.wait_for_all_events(1, WAIT).await?;
+    let sql = env.sql().await?;
+    sql.batch_execute("INSERT INTO items SELECT g, 'v' FROM generate_series(1, 5) g")
+        .await?;
+    env.wait_for_events(5, WAIT).await?;
+    let js = env.jetstream().await?;
+    js.get_stream(&env.stream)
+        .await?
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("page_agent".into()),
+            filter_subject: "cdc.public.items".into(),
+            ..Default::default()
+        })
+        .await?;
+    let pid: i32 = sql
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'cdc_slot'",
+            &[],
+        )
+        .await?
+        .get(0);
+    // Wait for a heartbeat after the events, so the stream's state is settled enough to check.
+    let out = testkit::until_ok(WAIT, "status to show a recent heartbeat", || async {
+        let out = cdc(&["status", "--config", &config, "--json"]).await?;
+        let json: serde_json::Value = serde_json::from_str(&out.stdout)
+            .with_context(|| format!("not JSON: {}", out.all()))?;
+        ensure!(
+            json["nats"]["heartbeat"]["age_secs"].as_f64() < Some(5.0),
+            "{json}"
+        );
+        Ok((out, json))
+    })
+    .await?;
+    let (out, json) = out;
+    ensure!(out.code == Some(0), "exit {:?}\n{}", out.code, out.all());
+    let pg = &json["postgres"];
+    ensure!(pg["slot"] == "cdc_slot" && pg["active"] == true, "{json}");
+    ensure!(pg["active_pid"] == pid, "{json}");
+    for key in ["confirmed_flush_lsn", "restart_lsn", "server_wal_lsn"] {
+        let text = pg[key]
+            .as_str()
+            .with_context(|| format!("{key} missing: {json}"))?;
+        text.parse::<cdc::Lsn>()
+            .map_err(|e| anyhow::anyhow!("{key} {text:?}: {e:?}"))?;
+    }
+    ensure!(pg["retained_wal_bytes"].as_i64() >= Some(0), "{json}");
+    let nats = &json["nats"];
+    let info = js.get_stream(&env.stream).await?.get_info().await?;
+    ensure!(nats["stream"] == "CDC", "{json}");
+    ensure!(
+        nats["last_seq"].as_u64() <= Some(info.state.last_sequence)
+            && nats["last_seq"].as_u64() >= Some(6),
+        "{json}"
+    );
+    ensure!(nats["bytes"].as_u64() > Some(0), "{json}");
+    let consumers = nats["consumers"].as_array().context("consumers")?;
+    ensure!(consumers.len() == 1, "{json}");
+    ensure!(consumers[0]["name"] == "page_agent", "{json}");
+    ensure!(consumers[0]["num_pending"].as_u64() == Some(6), "{json}");
+    ensure!(consumers[0]["ack_floor_seq"].as_u64() == Some(0), "{json}");
+    ensure!(nats["snapshots"][0]["table"] == "public.items", "{json}");
+    ensure!(nats["snapshots"][0]["state"] == "done", "{json}");
+
+    let table = cdc(&["status", "--config", &config]).await?;
+    ensure!(table.code == Some(0), "{}", table.all());
+    for needle in [
+        format!("cdc_slot (active, pid {pid})").as_str(),
+        "confirmed_flush_lsn",
+        "WAL retained",
+        "last heartbeat",
+        "page_agent",
+        "public.items: done",
+    ] {
+        ensure!(
+            table.stdout.contains(needle),
+            "{needle:?} missing:\n{}",
+            table.stdout
+        );
+    }
+
+    env.nats.stop().await?;
+    let down = cdc(&["status", "--config", &config]).await?;
+    ensure!(down.code == Some(1), "exit {:?}\n{}", down.code, down.all());
+    ensure!(down.stdout.contains("cdc_slot (active"), "{}", down.stdout);
+    let nats_url = env.nats.public_url();
+    let line = common::last_line(&down.stderr);
+    ensure!(
+        line.starts_with("cdc: status incomplete: NATS at ")
+            && line.contains(&nats_url)
+            && line.contains("unreachable"),
+        "{line:?}"
+    );
+    let down_json = cdc(&["status", "--config", &config, "--json"]).await?;
+    ensure!(down_json.code == Some(1), "{}", down_json.all());
+    let json: serde_json::Value = serde_json::from_str(&down_json.stdout)?;
+    ensure!(
+        json["nats"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unreachable")),
+        "{json}"
+    );
+    ensure!(json["postgres"]["active"] == true, "{json}");
     Ok(())
 }
