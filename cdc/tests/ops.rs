@@ -409,3 +409,218 @@ async fn status_shows_slot_stream_heartbeat_and_consumer_lag() -> Result<()> {
     ensure!(json["postgres"]["active"] == true, "{json}");
     Ok(())
 }
+
+/// Non-empty lines of `text`.
+fn lines(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+/// `cdc tail`: readable lines and raw envelopes, filters by table and op, the three starts,
+/// a large event resolved from the object store, and following live until SIGINT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_prints_filters_and_follows() -> Result<()> {
+    let env = Env::start(
+        "CREATE TABLE items (id bigint PRIMARY KEY, v text);
+         CREATE TABLE other (id int PRIMARY KEY);",
+        &["public.items", "public.other"],
+    )
+    .await?;
+    let config = env.config.to_string_lossy().into_owned();
+    let _reader = env.start_reader().await?;
+    // Both (empty) tables' snapshots end before the writes.
+    env.wait_for_all_events(2, WAIT).await?;
+    let sql = env.sql().await?;
+    let big = "L".repeat(1536 * 1024);
+    sql.batch_execute(
+        "INSERT INTO items VALUES (1, 'one'), (2, 'two'), (3, 'three');
+         INSERT INTO other VALUES (10);
+         UPDATE items SET v = 'deux' WHERE id = 2;
+         DELETE FROM items WHERE id = 3;",
+    )
+    .await?;
+    sql.execute("INSERT INTO items VALUES (4, $1)", &[&big])
+        .await?;
+    let events = env.wait_for_events(7, WAIT).await?;
+    ensure!(
+        events[6].headers.contains_key("Cdc-Large-Ref"),
+        "not a large event: {:?}",
+        events[6].headers
+    );
+    let large_seq = events[6].seq;
+
+    // Everything, readable: the two snapshot ends and seven changes; no heartbeats.
+    let all = cdc(&[
+        "tail",
+        "--config",
+        &config,
+        "--from-seq",
+        "1",
+        "--no-follow",
+    ])
+    .await?;
+    ensure!(all.code == Some(0), "{}", all.all());
+    let got = lines(&all.stdout);
+    ensure!(got.len() == 9, "{}", all.stdout);
+    let first_insert = got
+        .iter()
+        .find(|l| l.contains("  c  public.items  id=1 v=\"one\""))
+        .with_context(|| format!("no readable insert line:\n{}", all.stdout))?;
+    ensure!(
+        first_insert.starts_with(&format!("#{} ", events[0].seq))
+            && first_insert.ends_with(&format!("lsn={}", events[0].event.source.commit_lsn)),
+        "{first_insert}"
+    );
+    ensure!(
+        got.iter().any(|l| l.contains("  d  public.items  id=3")),
+        "{}",
+        all.stdout
+    );
+    ensure!(
+        got.iter()
+            .any(|l| l.contains("  e  public.other  (end of the table's snapshot)")),
+        "{}",
+        all.stdout
+    );
+    let large_line = got.last().copied().unwrap_or_default();
+    ensure!(
+        large_line.starts_with(&format!("#{large_seq} ")) && large_line.contains("id=4 v=\"LLLL"),
+        "{large_line:.300}"
+    );
+
+    // One table, some operations.
+    let filtered = cdc(&[
+        "tail",
+        "--config",
+        &config,
+        "--from-seq",
+        "1",
+        "--no-follow",
+        "--table",
+        "public.items",
+        "--op",
+        "u,d",
+    ])
+    .await?;
+    let got = lines(&filtered.stdout);
+    ensure!(got.len() == 2, "{}", filtered.stdout);
+    ensure!(
+        got[0].contains("  u  public.items  id=2 v=\"deux\""),
+        "{}",
+        filtered.stdout
+    );
+    ensure!(
+        got[1].contains("  d  public.items  id=3"),
+        "{}",
+        filtered.stdout
+    );
+    let other = cdc(&[
+        "tail",
+        "--config",
+        &config,
+        "--last",
+        "5",
+        "--no-follow",
+        "--table",
+        "public.other",
+    ])
+    .await?;
+    let got = lines(&other.stdout);
+    ensure!(
+        got.len() == 2 && got.iter().all(|l| l.contains("public.other")),
+        "{}",
+        other.stdout
+    );
+
+    // --last N: exactly the last N events.
+    let last = cdc(&["tail", "--config", &config, "--last", "2", "--no-follow"]).await?;
+    let got = lines(&last.stdout);
+    ensure!(got.len() == 2, "{}", last.stdout);
+    ensure!(
+        got[0].starts_with(&format!("#{} ", events[5].seq)),
+        "{}",
+        last.stdout
+    );
+    ensure!(
+        got[1].starts_with(&format!("#{large_seq} ")),
+        "{:.300}",
+        last.stdout
+    );
+
+    // --json: the raw envelopes, the large one resolved.
+    let raw = cdc(&[
+        "tail",
+        "--config",
+        &config,
+        "--from-seq",
+        &large_seq.to_string(),
+        "--no-follow",
+        "--json",
+    ])
+    .await?;
+    let got = lines(&raw.stdout);
+    ensure!(got.len() == 1, "{:.300}", raw.stdout);
+    let ev: cdc::ChangeEvent = serde_json::from_str(got[0])?;
+    ensure!(ev.after.as_ref().and_then(|a| a["v"].as_str()) == Some(big.as_str()));
+    ensure!(
+        ev == events[6].event,
+        "the envelope differs from the stream's"
+    );
+
+    // --from-time: an hour ago is everything, an hour ahead nothing.
+    let hour = cdc(&[
+        "tail",
+        "--config",
+        &config,
+        "--from-time",
+        "1h",
+        "--no-follow",
+    ])
+    .await?;
+    ensure!(lines(&hour.stdout).len() == 9, "{}", hour.all());
+    let ahead = (time::OffsetDateTime::now_utc() + Duration::from_secs(3600))
+        .format(&time::format_description::well_known::Rfc3339)?;
+    let none = cdc(&[
+        "tail",
+        "--config",
+        &config,
+        "--from-time",
+        &ahead,
+        "--no-follow",
+    ])
+    .await?;
+    ensure!(
+        none.code == Some(0) && lines(&none.stdout).is_empty(),
+        "{}",
+        none.all()
+    );
+    let bad = cdc(&["tail", "--config", &config, "--from-time", "yesterday"]).await?;
+    ensure!(bad.code == Some(1), "{}", bad.all());
+    ensure!(
+        common::last_line(&bad.stderr).contains("neither RFC 3339"),
+        "{}",
+        bad.stderr
+    );
+
+    // Following: the last events, then a new one as it commits; SIGINT ends it with 0.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cdc"));
+    cmd.args([
+        "tail",
+        "--config",
+        &config,
+        "--table",
+        "public.items",
+        "--last",
+        "1",
+    ]);
+    let mut follow = testkit::spawn_logged(cmd, "cdc tail")?;
+    follow
+        .wait_for_output(&format!("#{large_seq} "), WAIT)
+        .await?;
+    sql.batch_execute("INSERT INTO items VALUES (5, 'live')")
+        .await?;
+    follow.wait_for_output("id=5 v=\"live\"", WAIT).await?;
+    follow.signal(Signal::Int)?;
+    let status = follow.wait_with_timeout(Duration::from_secs(5)).await?;
+    ensure!(status.success(), "{status}\n{}", follow.describe());
+    Ok(())
+}
