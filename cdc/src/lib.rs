@@ -11,6 +11,7 @@ pub mod envelope;
 pub mod events;
 pub mod lsn;
 pub mod metrics;
+pub mod nats_url;
 pub mod observe;
 pub mod pgconn;
 pub mod publish;

@@ -213,10 +213,9 @@ async fn snapshot(config: &std::path::Path, table: &str, no_wait: bool) -> anyho
     let cfg = cdc::config::CdcConfig::load(config)?;
     let (schema, name) = cdc::subject::split_table_name(table)
         .with_context(|| format!("--table {table:?} must be schema.table"))?;
-    let shown = cdc::publish::redact_url(&cfg.nats.url);
-    let client = async_nats::connect(cfg.nats.url.as_str())
+    let client = cdc::status::connect_nats(&cfg.nats.url)
         .await
-        .with_context(|| format!("NATS at {shown} is unreachable"))?;
+        .map_err(anyhow::Error::msg)?;
     let request = serde_json::to_vec(&cdc::reader::SnapshotRequest {
         table: table.to_string(),
     })?;

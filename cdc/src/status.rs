@@ -360,18 +360,19 @@ async fn slot_status(cfg: &CdcConfig, target: &PgTarget) -> Result<SlotStatus, S
 
 /// Connects to NATS for a command-line tool: no retry, a short connect timeout.
 pub async fn connect_nats(url: &str) -> Result<async_nats::Client, String> {
-    async_nats::ConnectOptions::new()
-        .name("cdc-cli")
-        .connection_timeout(Duration::from_secs(5))
-        .request_timeout(Some(Duration::from_secs(10)))
-        .connect(url)
-        .await
-        .map_err(|e| {
-            format!(
-                "NATS at {} is unreachable: {e}",
-                crate::publish::redact_url(url)
-            )
-        })
+    let (options, servers) = crate::nats_url::connect_options(
+        async_nats::ConnectOptions::new()
+            .name("cdc-cli")
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(Duration::from_secs(10))),
+        url,
+    );
+    options.connect(servers.as_str()).await.map_err(|e| {
+        format!(
+            "NATS at {} is unreachable: {e}",
+            crate::publish::redact_url(url)
+        )
+    })
 }
 
 async fn stream_status(cfg: &CdcConfig) -> Result<StreamStatus, String> {

@@ -624,3 +624,126 @@ async fn tail_prints_filters_and_follows() -> Result<()> {
     ensure!(status.success(), "{status}\n{}", follow.describe());
     Ok(())
 }
+
+/// The reader, `cdc status` and `cdc tail` at debug level, through failures (NATS down at
+/// start, a Postgres restart, NATS and Postgres down for the CLI) and successes, with a
+/// password in the Postgres URL (SCRAM) and a user:password in the NATS URL: neither secret
+/// appears in any output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_is_printed_at_debug_level() -> Result<()> {
+    const NATS_PASSWORD: &str = "NatsS3cretPw0rd9k2";
+    let pg = Postgres::start_with(PgOptions {
+        auth: testkit::PgAuth::Scram,
+        ..PgOptions::default()
+    })
+    .await?;
+    let nats = testkit::Nats::start_with(testkit::NatsOptions {
+        auth: Some(testkit::NatsAuth::UserPassword {
+            user: "cdc_user".into(),
+            password: NATS_PASSWORD.into(),
+        }),
+        ..Default::default()
+    })
+    .await?;
+    let mut env = Env::with_servers(pg, nats, TABLE, &["public.items"]).await?;
+    let pg_password = env.pg.superuser_password().to_string();
+    let config_text = std::fs::read_to_string(&env.config)?;
+    ensure!(
+        config_text.contains(&pg_password) && config_text.contains(NATS_PASSWORD),
+        "the config does not carry both secrets:\n{config_text}"
+    );
+    let config = env.config.to_string_lossy().into_owned();
+    let mut outputs: Vec<(String, String)> = Vec::new();
+
+    // The reader: NATS down at start (retried), then up; a Postgres restart; writes.
+    env.nats.stop().await?;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cdc"));
+    cmd.args(["run", "--config", &config])
+        .env("RUST_LOG", "debug");
+    let mut reader = testkit::spawn_logged(cmd, "cdc")?;
+    reader
+        .wait_for_output("reader attempt failed; retrying", WAIT)
+        .await?;
+    env.nats.start_again().await?;
+    reader.wait_for_output("streaming", WAIT).await?;
+    env.expect_streaming("INSERT INTO items VALUES (1, 'before the restart')")
+        .await?;
+    env.pg.restart_fast().await?;
+    env.sql()
+        .await?
+        .batch_execute("INSERT INTO items VALUES (2, 'after the restart')")
+        .await?;
+    env.wait_for_events(2, WAIT).await?;
+
+    // The CLI, working.
+    for args in [
+        vec!["status", "--config", &config],
+        vec!["status", "--config", &config, "--json"],
+        vec![
+            "tail",
+            "--config",
+            &config,
+            "--no-follow",
+            "--from-seq",
+            "1",
+        ],
+        vec!["tail", "--config", &config, "--no-follow", "--json"],
+    ] {
+        let out = cdc(&args).await?;
+        ensure!(out.code == Some(0), "cdc {args:?}: {}", out.all());
+        outputs.push((format!("cdc {args:?}"), out.all()));
+    }
+    reader.signal(Signal::Term)?;
+    ensure!(
+        reader
+            .wait_with_timeout(Duration::from_secs(5))
+            .await?
+            .success(),
+        "{}",
+        reader.describe()
+    );
+    outputs.push((
+        "cdc run".into(),
+        format!("{}\n{}", reader.stdout(), reader.stderr()),
+    ));
+
+    // The CLI, failing: NATS down, then Postgres down too.
+    env.nats.stop().await?;
+    for args in [
+        vec!["status", "--config", &config],
+        vec!["tail", "--config", &config, "--no-follow"],
+    ] {
+        let out = cdc(&args).await?;
+        ensure!(out.code == Some(1), "cdc {args:?}: {}", out.all());
+        outputs.push((format!("cdc {args:?} without NATS"), out.all()));
+    }
+    env.pg.stop().await?;
+    let out = cdc(&["status", "--config", &config, "--json"]).await?;
+    ensure!(out.code == Some(1), "{}", out.all());
+    ensure!(
+        out.stdout.contains("cannot connect to Postgres"),
+        "{}",
+        out.all()
+    );
+    outputs.push(("cdc status without servers".into(), out.all()));
+
+    for (what, text) in &outputs {
+        ensure!(
+            !text.contains(&pg_password),
+            "{what} printed the Postgres password:\n{text}"
+        );
+        ensure!(
+            !text.contains(NATS_PASSWORD),
+            "{what} printed the NATS password:\n{text}"
+        );
+    }
+    // The run really logged at debug level, including the failures.
+    let run = &outputs
+        .iter()
+        .find(|(w, _)| w == "cdc run")
+        .context("run")?
+        .1;
+    ensure!(run.contains("DEBUG"), "no debug output:\n{run}");
+    ensure!(run.contains("NATS at nats://127.0.0.1:"), "{run}");
+    Ok(())
+}
