@@ -374,14 +374,22 @@ async fn start_of_last(
 
 /// `#seq  time  op  schema.table  row summary  lsn=…`.
 pub fn readable_line(seq: u64, ev: &ChangeEvent) -> String {
+    // Fixed width (milliseconds always shown), so the columns line up.
     let time =
         time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ev.source.ts_ms) * 1_000_000)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
+            .map(|t| {
+                format!(
+                    "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+                    t.year(),
+                    u8::from(t.month()),
+                    t.day(),
+                    t.hour(),
+                    t.minute(),
+                    t.second(),
+                    t.millisecond()
+                )
             })
-            .unwrap_or_else(|| ev.source.ts_ms.to_string());
+            .unwrap_or_else(|_| ev.source.ts_ms.to_string());
     let summary = match ev.op {
         Op::Create | Op::Read => row_summary(ev.after.as_ref()),
         Op::Update => {
@@ -453,12 +461,12 @@ mod tests {
     fn lines_read_well() {
         let ev = event(
             r#"{"op":"u","before":{"id":1},"after":{"id":2,"name":"Acme"},"unchanged_toast":["doc"],
-            "source":{"db":"d","schema":"public","table":"t","lsn":"0/10","commit_lsn":"0/20","txId":5,"ts_ms":1704164645123,"snapshot":false},
+            "source":{"db":"d","schema":"public","table":"t","lsn":"0/10","commit_lsn":"0/20","txId":5,"ts_ms":1704164645120,"snapshot":false},
             "transaction":null,"ts_ms":0}"#,
         );
         assert_eq!(
             readable_line(7, &ev),
-            "#7  2024-01-02T03:04:05.123Z  u  public.t  id=2 name=\"Acme\" (was id=1) [unchanged: doc]  lsn=0/20"
+            "#7  2024-01-02T03:04:05.120Z  u  public.t  id=2 name=\"Acme\" (was id=1) [unchanged: doc]  lsn=0/20"
         );
     }
 
