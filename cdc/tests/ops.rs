@@ -747,3 +747,53 @@ async fn no_secret_is_printed_at_debug_level() -> Result<()> {
     ensure!(run.contains("NATS at nats://127.0.0.1:"), "{run}");
     Ok(())
 }
+
+/// `cdc snapshot` on a terminal (a pseudo-terminal from `script`, util-linux) draws a progress
+/// bar with rows done of the estimate and the rate; elsewhere it prints plain lines (tested in
+/// snapshot.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_progress_is_a_bar_on_a_terminal() -> Result<()> {
+    let env = Env::start(
+        "CREATE TABLE items (id bigint PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'row' FROM generate_series(1, 20000) g;
+         ANALYZE items;",
+        &["public.items"],
+    )
+    .await?;
+    env.write_config(
+        &["public.items"],
+        "\n[snapshot]\ninitial = false\nchunk_rows = 500\n",
+    )?;
+    let _reader = env.start_reader().await?;
+    let script = testkit::find_binary("script")
+        .context("`script` gives the command a terminal: install the Debian package bsdutils")?;
+    let command = format!(
+        "{} snapshot --config {} --table public.items",
+        env!("CARGO_BIN_EXE_cdc"),
+        env.config.display()
+    );
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(script)
+            .args(["-qec", &command, "/dev/null"])
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .context("cdc snapshot did not finish")??;
+    let screen = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "{screen}");
+    // The final frame: the table, a full bar, rows of the estimate, the rate, the state.
+    let last = screen
+        .rsplit(['\r', '\n'])
+        .find(|l| l.contains("public.items ["))
+        .with_context(|| format!("no progress bar drawn:\n{screen}"))?;
+    ensure!(
+        last.contains("20,000/~20,000 rows")
+            && last.contains("/s")
+            && last.contains("[done]")
+            && last.contains("=="),
+        "{last:?}"
+    );
+    Ok(())
+}
