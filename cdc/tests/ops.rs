@@ -797,3 +797,23 @@ async fn snapshot_progress_is_a_bar_on_a_terminal() -> Result<()> {
     );
     Ok(())
 }
+
+/// A metrics port that is taken stops the reader at start with one line naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_metrics_port_is_refused() -> Result<()> {
+    let env = Env::start(TABLE, &["public.items"]).await?;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?.to_string();
+    env.write_config(
+        &["public.items"],
+        &format!("\n[metrics]\nlisten = {addr:?}\n"),
+    )?;
+    let mut reader = env.spawn_reader()?;
+    let line = common::expect_refusal(&mut reader).await?;
+    ensure!(
+        line.contains(&format!("cannot listen for metrics on {addr}"))
+            && line.contains("metrics.listen"),
+        "{line}"
+    );
+    Ok(())
+}
