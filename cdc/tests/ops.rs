@@ -817,3 +817,41 @@ async fn a_taken_metrics_port_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// `--log-format json` makes every log line a JSON object; `RUST_LOG` decides what is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_on_request_and_filtered_by_rust_log() -> Result<()> {
+    let env = Env::start(TABLE, &["public.items"]).await?;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cdc"));
+    cmd.args(["--log-format", "json", "run", "--config"])
+        .arg(&env.config)
+        .env("RUST_LOG", "warn,cdc::reader=info");
+    let mut reader = testkit::spawn_logged(cmd, "cdc")?;
+    reader.wait_for_output("\"streaming\"", WAIT).await?;
+    env.expect_streaming("INSERT INTO items VALUES (1, 'x')")
+        .await?;
+    reader.signal(Signal::Term)?;
+    ensure!(reader
+        .wait_with_timeout(Duration::from_secs(5))
+        .await?
+        .success());
+    let stderr = reader.stderr();
+    let mut targets = std::collections::BTreeSet::new();
+    for line in lines(&stderr) {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("not a JSON log line: {line:?}"))?;
+        let level = entry["level"].as_str().unwrap_or_default();
+        let target = entry["target"].as_str().unwrap_or_default().to_string();
+        ensure!(
+            level != "DEBUG" && level != "TRACE",
+            "filtered out by RUST_LOG: {line}"
+        );
+        ensure!(
+            target == "cdc::reader" || level == "WARN" || level == "ERROR",
+            "{target} at {level} should be filtered out: {line}"
+        );
+        targets.insert(target);
+    }
+    ensure!(targets.contains("cdc::reader"), "{stderr}");
+    Ok(())
+}
