@@ -67,6 +67,18 @@ pub struct CdcConfig {
     /// Snapshots of existing rows.
     #[serde(default)]
     pub snapshot: SnapshotConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` to listen on; empty (the default) = no endpoint.
+    #[serde(default)]
+    pub listen: String,
 }
 
 /// `[snapshot]`.
@@ -317,6 +329,17 @@ impl CdcConfig {
         }
         if self.snapshot.chunk_rows == 0 || self.snapshot.chunk_rows > 50_000 {
             return bad("snapshot.chunk_rows must be between 1 and 50000".into());
+        }
+        let listen = &self.metrics.listen;
+        if !listen.is_empty()
+            && !listen
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        {
+            return bad(format!(
+                "metrics.listen {:?} must be host:port, e.g. \"127.0.0.1:9187\" (or empty for no endpoint)",
+                self.metrics.listen
+            ));
         }
         if self.reader.heartbeat_interval_ms == 0 || self.reader.status_interval_ms == 0 {
             return bad(

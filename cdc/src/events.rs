@@ -57,6 +57,8 @@ pub enum Output {
         events: u64,
         /// Its transaction id.
         xid: u32,
+        /// Its commit time, ms since the Unix epoch.
+        commit_ts_ms: i64,
     },
     /// A logical decoding message (`pg_logical_emit_message`).
     Message(LogicalDecodingMessage),
@@ -241,7 +243,10 @@ impl ChangeBuilder {
                 });
             }
             LogicalMessage::Commit(c) => {
-                let (events, xid) = self.tx.as_ref().map_or((0, 0), |t| (t.ordinal, t.xid));
+                let (events, xid, commit_ts_ms) = self
+                    .tx
+                    .as_ref()
+                    .map_or((0, 0, 0), |t| (t.ordinal, t.xid, t.ts_ms));
                 self.flush_pending(true, out);
                 self.tx = None;
                 out.push(Output::TxEnd {
@@ -249,6 +254,7 @@ impl ChangeBuilder {
                     end_lsn: c.end_lsn,
                     events,
                     xid,
+                    commit_ts_ms,
                 });
             }
             LogicalMessage::Relation(r) => {

@@ -10,6 +10,8 @@ pub mod config;
 pub mod envelope;
 pub mod events;
 pub mod lsn;
+pub mod metrics;
+pub mod nats_url;
 pub mod observe;
 pub mod pgconn;
 pub mod publish;
@@ -17,7 +19,9 @@ pub mod reader;
 pub mod replication;
 pub mod setup;
 pub mod snapshot;
+pub mod status;
 pub mod subject;
+pub mod tail;
 
 pub use envelope::{ChangeEvent, Op};
 pub use lsn::Lsn;

@@ -213,16 +213,21 @@ impl StreamSink {
         ack_timeout: Duration,
     ) -> Result<StreamSink, PublishError> {
         let shown_url = redact_url(&cfg.url);
-        let client = async_nats::ConnectOptions::new()
-            .name("cdc-reader")
-            .connection_timeout(Duration::from_secs(5))
-            .request_timeout(Some(Duration::from_secs(10)))
-            .connect(cfg.url.as_str())
-            .await
-            .map_err(|e| PublishError::Connect {
-                url: shown_url.clone(),
-                message: e.to_string(),
-            })?;
+        let (options, servers) = crate::nats_url::connect_options(
+            async_nats::ConnectOptions::new()
+                .name("cdc-reader")
+                .connection_timeout(Duration::from_secs(5))
+                .request_timeout(Some(Duration::from_secs(10))),
+            &cfg.url,
+        );
+        let client =
+            options
+                .connect(servers.as_str())
+                .await
+                .map_err(|e| PublishError::Connect {
+                    url: shown_url.clone(),
+                    message: e.to_string(),
+                })?;
         let js = jetstream::ContextBuilder::new()
             .ack_timeout(ack_timeout)
             .timeout(ack_timeout)

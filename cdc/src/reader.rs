@@ -25,6 +25,8 @@ use crate::config::CdcConfig;
 use crate::envelope::msg_id;
 use crate::events::{ChangeBuilder, EncodedEvent, Output, UnknownRelation};
 use crate::lsn::Lsn;
+use crate::metrics::ReaderMetrics;
+use crate::observe::{HealthSource, MetricsServer};
 use crate::pgconn::{PgConnError, PgTarget};
 use crate::pgoutput::{self, LogicalMessage};
 use crate::publish::{EventHeaders, Outgoing, PublishError, ResumePoint, StreamSink, Ticket};
@@ -79,6 +81,9 @@ pub enum ReaderError {
     /// A SQL query failed.
     #[error("SQL on the source database failed: {0}")]
     Sql(#[from] tokio_postgres::Error),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] crate::observe::ObserveError),
 }
 
 impl ReaderError {
@@ -110,6 +115,7 @@ impl ReaderError {
                 None => false,
             },
             ReaderError::Publish(_) | ReaderError::Decode(_) | ReaderError::Sql(_) => false,
+            ReaderError::Metrics(_) => true,
         }
     }
 }
@@ -117,12 +123,24 @@ impl ReaderError {
 /// Runs the reader until `shutdown` turns true, reconnecting after transient failures.
 pub async fn run(cfg: CdcConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), ReaderError> {
     let target = PgTarget::parse(&cfg.postgres.url)?;
+    let (metrics, registry) = ReaderMetrics::new();
+    if !cfg.metrics.listen.is_empty() {
+        let server = MetricsServer::bind(&cfg.metrics.listen).await?;
+        if let Some(addr) = server.local_addr() {
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        }
+        let health: Arc<dyn HealthSource> = Arc::clone(&metrics) as Arc<dyn HealthSource>;
+        tokio::spawn(server.serve(Arc::new(registry), health, shutdown.clone()));
+    }
     let mut backoff = Duration::from_millis(100);
     let mut streamed_before = false;
     let started = Instant::now();
     loop {
         let mut streamed = false;
-        let result = run_once(&cfg, &target, &mut shutdown, &mut streamed).await;
+        let result = run_once(&cfg, &target, &metrics, &mut shutdown, &mut streamed).await;
+        if result.is_err() {
+            metrics.attempt_failed();
+        }
         streamed_before |= streamed;
         match result {
             Ok(()) => return Ok(()),
@@ -152,6 +170,7 @@ pub async fn run(cfg: CdcConfig, mut shutdown: watch::Receiver<bool>) -> Result<
 async fn run_once(
     cfg: &CdcConfig,
     target: &PgTarget,
+    metrics: &Arc<ReaderMetrics>,
     shutdown: &mut watch::Receiver<bool>,
     streamed: &mut bool,
 ) -> Result<(), ReaderError> {
@@ -212,6 +231,7 @@ async fn run_once(
     }
     let stream = session.start(&pg.slot, &pg.publication, Lsn::ZERO).await?;
     *streamed = true;
+    let _streaming = metrics.streaming(sink.client().clone());
     tracing::info!(
         slot = %pg.slot,
         database = %ident.dbname,
@@ -226,6 +246,7 @@ async fn run_once(
         Arc::new(sql),
         resume,
         target.dbname().to_string(),
+        Arc::clone(metrics),
     );
     pipeline.snapshots = Snapshots {
         store: Some(progress),
@@ -361,6 +382,7 @@ struct Pipeline<'a> {
     published: u64,
     skipped: u64,
     snapshots: Snapshots,
+    metrics: Arc<ReaderMetrics>,
 }
 
 impl<'a> Pipeline<'a> {
@@ -371,6 +393,7 @@ impl<'a> Pipeline<'a> {
         sql: Arc<tokio_postgres::Client>,
         resume: ResumePoint,
         db: String,
+        metrics: Arc<ReaderMetrics>,
     ) -> Self {
         // A heartbeat must never claim less than the stream already holds: the next start
         // resumes from the last message, and a low heartbeat there would make it re-publish
@@ -406,6 +429,7 @@ impl<'a> Pipeline<'a> {
             published: 0,
             skipped: 0,
             snapshots: Snapshots::default(),
+            metrics,
         }
     }
 
@@ -450,6 +474,8 @@ impl<'a> Pipeline<'a> {
                     stream.send_status(self.confirm_next, false).await?;
                     self.reported = self.confirm_next;
                     self.confirm_next = self.confirmed;
+                    self.metrics.confirmed(self.confirmed);
+                    self.metrics.probe_wal_end(&self.sql);
                 }
                 // 4. Heartbeat.
                 _ = heartbeat_timer.tick() => {
@@ -559,6 +585,7 @@ impl<'a> Pipeline<'a> {
                 reply_requested,
                 ..
             } => {
+                self.metrics.server_wal_end(wal_end);
                 // Mid-transaction the walsender's position may already be past the commit
                 // being sent; only between transactions does it bound what we have.
                 if !self.builder.in_transaction() && wal_end > self.safe {
@@ -568,6 +595,12 @@ impl<'a> Pipeline<'a> {
                         self.push_marker(wal_end);
                     }
                     self.maybe_heartbeat().await?;
+                }
+                if self.in_flight.is_empty() {
+                    self.metrics.confirmed(self.confirmed);
+                    if !self.builder.in_transaction() {
+                        self.metrics.caught_up();
+                    }
                 }
                 if reply_requested {
                     stream.send_status(self.reported, false).await?;
@@ -581,11 +614,14 @@ impl<'a> Pipeline<'a> {
         match out {
             Output::Event(ev) => self.publish_event(ev).await?,
             Output::TxEnd {
+                commit_lsn,
                 end_lsn,
                 events,
                 xid,
-                ..
+                commit_ts_ms,
             } => {
+                self.metrics
+                    .commit_seen(commit_lsn, commit_ts_ms, events > 0);
                 if events > 0 {
                     self.committed.record(xid);
                 }
@@ -619,7 +655,9 @@ impl<'a> Pipeline<'a> {
             body: ev.body.into(),
             want_ack: ev.last,
         };
+        let (op, body_len) = (ev.op, msg.body.len());
         let sent = self.sink.publish(msg).await?;
+        self.metrics.event_published(op, body_len);
         self.published += 1;
         self.push_publish(sent, None);
         Ok(())
@@ -642,6 +680,7 @@ impl<'a> Pipeline<'a> {
         }
         let lsn = self.safe.max(self.heartbeat_lsn);
         let sent = self.sink.publish_heartbeat(lsn).await?;
+        self.metrics.heartbeat_published();
         self.heartbeat_lsn = lsn;
         self.heartbeat_repeatable = true;
         self.heartbeat_at = Instant::now();
@@ -680,6 +719,12 @@ impl<'a> Pipeline<'a> {
         for entry in self.in_flight.iter_mut() {
             match entry.ticket {
                 Some(t) if t > ticket => break,
+                Some(t) if t == ticket => {
+                    entry.acked = true;
+                    // The latency of the publish the ack answers; those it covers were sent
+                    // earlier, so this is the short end of their latencies.
+                    self.metrics.acked(entry.sent_at.elapsed());
+                }
                 _ => entry.acked = true,
             }
         }
@@ -785,6 +830,8 @@ impl<'a> Pipeline<'a> {
                 .put(&schema, &table, &progress)
                 .await
                 .map_err(|e| e.to_string())?;
+            self.metrics
+                .snapshot_progress(&format!("{schema}.{table}"), &progress, None);
         }
         tracing::info!(table = %name, "snapshot requested");
         self.snapshots.waiting.push_back((schema, table));
@@ -809,6 +856,7 @@ impl<'a> Pipeline<'a> {
                     ..Default::default()
                 };
                 let _ = store.put(&schema, &table, &failed).await;
+                self.metrics.snapshot_progress(&name, &failed, None);
                 return Ok(());
             }
         };
@@ -855,6 +903,7 @@ impl<'a> Pipeline<'a> {
         let keys = shape.key.iter().map(|(k, _)| k.clone()).collect();
         self.builder.start_watch(&schema, &table, keys);
         tracing::info!(table = %name, resume_after = ?progress.last_key, estimate = progress.estimate, "snapshot starting");
+        self.metrics.snapshot_progress(&name, &progress, None);
         let rows_at_start = progress.rows;
         self.snapshots.current = Some(CurrentSnapshot {
             shape,
@@ -989,6 +1038,8 @@ impl<'a> Pipeline<'a> {
             let elapsed = current.started.elapsed().as_secs_f64().max(0.001);
             let rate = (progress.rows - current.rows_at_start) as f64 / elapsed;
             tracing::info!(table = %table_name, rows = progress.rows, rows_per_sec = rate as u64, "snapshot done");
+            self.metrics
+                .snapshot_progress(&table_name, &progress, Some(rate));
             self.snapshots.current = None;
             self.publish_event(end).await?;
             self.push_progress(&shape.schema, &shape.table, progress);
@@ -1033,6 +1084,8 @@ impl<'a> Pipeline<'a> {
             rows_per_sec = rate as u64,
             "snapshot progress"
         );
+        self.metrics
+            .snapshot_progress(&table_name, &progress, Some(rate));
         self.push_progress(&shape.schema, &shape.table, progress);
         self.next_chunk(Vec::new());
         Ok(())

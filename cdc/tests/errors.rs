@@ -307,6 +307,21 @@ async fn stops_cleanly_on(signal: Signal) -> Result<()> {
         "slot confirmed_flush_lsn {slot_lsn} != logged {confirmed}"
     );
 
+    // What was confirmed is what was acknowledged: every event in the stream (each one has its
+    // PubAck) lies below the confirmed position, so a restart re-sends nothing it holds.
+    let stored = common::read_from(&env.jetstream().await?, &env.stream, &env.prefix, 1)
+        .await?
+        .events;
+    let last_commit = stored
+        .iter()
+        .map(|r| r.event.source.commit_lsn)
+        .max()
+        .context("no event in the stream")?;
+    ensure!(
+        last_commit < confirmed,
+        "the stream holds an event committed at {last_commit}, past the confirmed {confirmed}"
+    );
+
     // Restart: every committed row reaches the stream exactly once.
     let _reader = env.start_reader().await?;
     let total = usize::try_from(committed.load(Ordering::Relaxed))?;

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
-pub use nats::{Nats, NatsOptions};
+pub use nats::{Nats, NatsAuth, NatsOptions};
 pub use postgres::{PgAuth, PgOptions, PgTls, Postgres};
 pub use process::{cpu_time, peak_rss_kib, rss_kib, spawn_logged, ChildProcess};
 pub use sys::Signal;

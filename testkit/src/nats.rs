@@ -33,6 +33,22 @@ pub struct NatsOptions {
     pub max_payload: Option<u32>,
     /// Extra top-level lines for the server's config file.
     pub extra_conf: Vec<String>,
+    /// When set, clients must authenticate; [`Nats::url`] then carries the credentials.
+    pub auth: Option<NatsAuth>,
+}
+
+/// How clients authenticate to a [`Nats`] server (`authorization { … }`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    /// A user and password: `nats://user:password@host:port`.
+    UserPassword {
+        /// User name.
+        user: String,
+        /// Password.
+        password: String,
+    },
+    /// A token: `nats://token@host:port`.
+    Token(String),
 }
 
 /// A private `nats-server` with JetStream on `127.0.0.1:<free port>`, its store in a temp dir and
@@ -47,6 +63,7 @@ pub struct Nats {
     store_dir: PathBuf,
     port: u16,
     monitor_port: u16,
+    auth: Option<NatsAuth>,
     child: Option<Child>,
 }
 
@@ -72,6 +89,7 @@ impl Nats {
             binary,
             port: 0,
             monitor_port: 0,
+            auth: opts.auth.clone(),
             child: None,
         };
         for attempt in 1..=PORT_ATTEMPTS {
@@ -97,8 +115,20 @@ impl Nats {
         bail!("could not start nats-server on a free port after {PORT_ATTEMPTS} attempts")
     }
 
-    /// The client URL: `nats://127.0.0.1:PORT`.
+    /// The client URL: `nats://127.0.0.1:PORT`, with the credentials when the server
+    /// requires them (`nats://user:password@…` or `nats://token@…`).
     pub fn url(&self) -> String {
+        match &self.auth {
+            None => format!("nats://127.0.0.1:{}", self.port),
+            Some(NatsAuth::UserPassword { user, password }) => {
+                format!("nats://{user}:{password}@127.0.0.1:{}", self.port)
+            }
+            Some(NatsAuth::Token(token)) => format!("nats://{token}@127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The client URL without credentials.
+    pub fn public_url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
@@ -220,6 +250,18 @@ impl Nats {
         );
         if let Some(max_payload) = opts.max_payload {
             let _ = writeln!(conf, "max_payload: {max_payload}");
+        }
+        match &opts.auth {
+            None => {}
+            Some(NatsAuth::UserPassword { user, password }) => {
+                let _ = writeln!(
+                    conf,
+                    "authorization {{\n  user: {user:?}\n  password: {password:?}\n}}"
+                );
+            }
+            Some(NatsAuth::Token(token)) => {
+                let _ = writeln!(conf, "authorization {{\n  token: {token:?}\n}}");
+            }
         }
         for line in &opts.extra_conf {
             let _ = writeln!(conf, "{line}");

@@ -110,7 +110,10 @@ impl Env {
 
     /// A JetStream context on the test server.
     pub async fn jetstream(&self) -> Result<jetstream::Context> {
-        let client = async_nats::connect(self.nats.url()).await?;
+        // The URL may carry credentials, which async-nats only takes as options.
+        let (options, servers) =
+            cdc::nats_url::connect_options(async_nats::ConnectOptions::new(), &self.nats.url());
+        let client = options.connect(servers.as_str()).await?;
         Ok(jetstream::new(client))
     }
 
