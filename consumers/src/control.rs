@@ -474,11 +474,10 @@ impl RemoteAgent {
     /// Connects to NATS and checks that the agent answers. `Err(NoAgent)` when nothing does.
     pub async fn connect(url: &str, prefix: &str, name: &str) -> Result<RemoteAgent, ControlError> {
         let shown = cdc::publish::redact_url(url);
+        let (options, servers) = crate::follow::nats_options(url);
         let client = tokio::time::timeout(
             Duration::from_secs(5),
-            async_nats::ConnectOptions::new()
-                .name("view-agent-cli")
-                .connect(url),
+            options.name("view-agent-cli").connect(servers.as_str()),
         )
         .await
         .map_err(|_| ControlError::Nats(format!("NATS at {shown} did not answer within 5 s")))?

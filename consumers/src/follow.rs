@@ -69,14 +69,44 @@ fn nats_err(what: &str, e: impl std::fmt::Display) -> SessionError {
     SessionError::Nats(format!("{what}: {e}"))
 }
 
+/// Connect options for `url` (comma-separated server URLs): credentials in a URL
+/// (`nats://user:password@host` or `nats://token@host`) become the connection's
+/// authentication (the client does not read them from URLs), and the returned server list has
+/// them removed, so they never reach a log line.
+pub fn nats_options(url: &str) -> (async_nats::ConnectOptions, String) {
+    let mut options = async_nats::ConnectOptions::new();
+    let mut servers = Vec::new();
+    for u in url.split(',').map(str::trim) {
+        let (scheme, rest) = match u.find("://") {
+            Some(i) => (&u[..i + 3], &u[i + 3..]),
+            None => ("", u),
+        };
+        match rest.rfind('@') {
+            Some(at) => {
+                let creds = &rest[..at];
+                options = match creds.split_once(':') {
+                    Some((user, password)) => {
+                        options.user_and_password(user.to_owned(), password.to_owned())
+                    }
+                    None => options.token(creds.to_owned()),
+                };
+                servers.push(format!("{scheme}{}", &rest[at + 1..]));
+            }
+            None => servers.push(u.to_owned()),
+        }
+    }
+    (options, servers.join(","))
+}
+
 /// Connects to NATS in the background (retrying forever), as the agent does.
 pub async fn connect(nats: &NatsConfig) -> Result<async_nats::Client, String> {
-    async_nats::ConnectOptions::new()
+    let (options, servers) = nats_options(&nats.url);
+    options
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
         .name("view-agent")
-        .connect(nats.url.as_str())
+        .connect(servers.as_str())
         .await
         .map_err(|e| {
             // Only a malformed URL fails here (connecting is retried in the background).
