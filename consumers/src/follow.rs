@@ -420,7 +420,7 @@ impl<'a> Session<'a> {
         let reason = format!(
             "{HISTORY_GAP_PREFIX}: stream {} starts at sequence {first_seq} but this agent has applied only up to {}; \
              retention removed changes the view never saw. A re-snapshot of the source tables was requested; \
-             if no snapshot arrives, rebuild with `view-agent replay --from-start` after `cdc snapshot`",
+             if no snapshot arrives, run `cdc snapshot --table` and then `view-agent replay --view <view> --from-seq <its first sequence>`",
             self.nats.stream,
             expected - 1
         );

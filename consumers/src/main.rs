@@ -287,7 +287,7 @@ async fn replay(
     let view = started.view.clone();
     if no_wait {
         println!(
-            "replay of view {view} started; `view-agent replay` again shows nothing new, follow it in the agent's log"
+            "replay of view {view} started in the agent; its log says when the rebuilt view is swapped in"
         );
         return Ok(());
     }

@@ -690,7 +690,8 @@ impl ViewStore {
                 if applied_seq > 0 && reason.is_none() {
                     let r = format!(
                         "the view's definition changed (or the view is new) since the store was built at \
-                         stream sequence {applied_seq}; rebuild it with `view-agent replay --from-start`"
+                         stream sequence {applied_seq}; rebuild it with `view-agent replay --view {} --from-start`",
+                        v.name()
                     );
                     batch.insert(meta_key(META_STALE, v.name()), r.as_bytes());
                     reason = Some(r);
@@ -1831,9 +1832,10 @@ fn apply_to_view(
                                 return Ok(Err(format!(
                                     "column {c:?} is no longer in source table {} \
                                      (dropped or renamed at {}); fix the view's columns and \
-                                     rebuild it with `view-agent replay --from-start`",
+                                     rebuild it with `view-agent replay --view {} --from-start`",
                                     table(),
-                                    ev.source.commit_lsn
+                                    ev.source.commit_lsn,
+                                    cfg.name
                                 )))
                             }
                         }
