@@ -202,13 +202,18 @@ async fn main() -> Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let cpu = CpuMeter::start(nats_pid);
     let t = Instant::now();
+    let nats_config = NatsConfig {
+        url: nats.url(),
+        stream: "CDC".into(),
+        subject_prefix: "cdc".into(),
+    };
+    let client = consumers::follow::connect(&nats_config)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let task = tokio::spawn(consumers::follow::follow(
         store.clone(),
-        NatsConfig {
-            url: nats.url(),
-            stream: "CDC".into(),
-            subject_prefix: "cdc".into(),
-        },
+        client,
+        nats_config,
         ApplyConfig::default(),
         rx,
     ));

@@ -13,7 +13,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{AgentConfig, ConfigError};
+use crate::control::Operations;
 use crate::follow::{follow, FollowError};
+use crate::replay::Replays;
 use crate::store::{QueryError, ReadResult, StoreError, ViewStore};
 
 /// Errors of starting and running an agent.
@@ -33,6 +35,9 @@ pub enum AgentError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The metrics port is taken or not allowed.
+    #[error(transparent)]
+    Metrics(#[from] cdc::observe::ObserveError),
     /// The follow loop stopped on a store error.
     #[error(transparent)]
     Follow(#[from] FollowError),
@@ -47,8 +52,11 @@ pub struct Agent {
     store: Arc<ViewStore>,
     shutdown: watch::Sender<bool>,
     follow: JoinHandle<Result<(), FollowError>>,
-    server: Option<JoinHandle<()>>,
+    /// pgwire, metrics and control tasks: stopped by `shutdown`.
+    tasks: Vec<JoinHandle<()>>,
     pgwire_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    ops: Arc<Operations>,
 }
 
 impl Agent {
@@ -58,6 +66,25 @@ impl Agent {
         config.validate()?;
         let store = Arc::new(ViewStore::open(&config)?);
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let metrics_addr = if config.metrics.listen.is_empty() {
+            None
+        } else {
+            let server = cdc::observe::MetricsServer::bind(&config.metrics.listen).await?;
+            let addr = server.local_addr();
+            let registry = Arc::new(crate::metrics::registry(store.clone()));
+            let health_store = store.clone();
+            let health = Arc::new(move || {
+                let following = health_store.stream_seen();
+                crate::metrics::health(&health_store, following)
+            });
+            tasks.push(tokio::spawn(server.serve(
+                registry,
+                health,
+                shutdown_rx.clone(),
+            )));
+            addr
+        };
         let (server, pgwire_addr) = match config.pgwire_addr()? {
             Some(addr) => {
                 let listener = TcpListener::bind(addr)
@@ -76,24 +103,66 @@ impl Agent {
             }
             None => (None, None),
         };
-        let follow = tokio::spawn(follow(
+        tasks.extend(server);
+        let client = crate::follow::connect(&config.nats).await;
+        let follow = match &client {
+            Ok(client) => tokio::spawn(follow(
+                store.clone(),
+                client.clone(),
+                config.nats.clone(),
+                config.apply.clone(),
+                shutdown_rx.clone(),
+            )),
+            Err(e) => {
+                tracing::error!(error = %e, "views are served, nothing is applied");
+                let mut rx = shutdown_rx.clone();
+                tokio::spawn(async move {
+                    crate::shutdown_requested(&mut rx).await;
+                    Ok(())
+                })
+            }
+        };
+        let replays = Replays::new(
             store.clone(),
+            client.clone(),
             config.nats.clone(),
-            config.apply.clone(),
-            shutdown_rx,
-        ));
+            shutdown_rx.clone(),
+        );
+        let ops = Arc::new(Operations::new(store.clone(), config.name.clone(), replays));
+        if let Ok(client) = client {
+            let subject =
+                crate::control::control_subject(&config.nats.subject_prefix, &config.name);
+            tasks.push(tokio::spawn(crate::control::serve(
+                ops.clone(),
+                client,
+                subject,
+                shutdown_rx,
+            )));
+        }
         Ok(Agent {
             store,
             shutdown,
             follow,
-            server,
+            tasks,
             pgwire_addr,
+            metrics_addr,
+            ops,
         })
     }
 
     /// The store, for reads.
     pub fn store(&self) -> &Arc<ViewStore> {
         &self.store
+    }
+
+    /// The operations `view-agent replay` and `verify` use (in-process).
+    pub fn operations(&self) -> &Arc<Operations> {
+        &self.ops
+    }
+
+    /// The address the metrics endpoint listens on, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The address pgwire listens on (with the real port when configured as `:0`).
@@ -127,13 +196,15 @@ impl Agent {
     /// Stops following and serving at a transaction boundary and flushes the store.
     pub async fn shutdown(self) -> Result<(), AgentError> {
         let _ = self.shutdown.send(true);
+        // A verify or replay holding the applier must not keep it from finishing its batch.
+        self.store.fence().lift_all();
         let followed = match self.follow.await {
             Ok(r) => r.map_err(AgentError::from),
             Err(e) if e.is_cancelled() => Ok(()),
             Err(e) => Err(AgentError::Task(e.to_string())),
         };
-        if let Some(server) = self.server {
-            let _ = server.await;
+        for task in self.tasks {
+            let _ = task.await;
         }
         self.store.flush()?;
         followed

@@ -79,6 +79,9 @@ pub struct AgentConfig {
     /// Store tuning.
     #[serde(default)]
     pub store: StoreConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The views this agent keeps.
     #[serde(default)]
     pub views: Vec<ViewConfig>,
@@ -178,6 +181,15 @@ impl Default for StoreConfig {
             read_cache_rows: default_read_cache_rows(),
         }
     }
+}
+
+/// `[metrics]`: the Prometheus endpoint (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` to serve on; empty (the default) = no endpoint.
+    #[serde(default)]
+    pub listen: String,
 }
 
 /// `[[views]]`: one projection of one source table.

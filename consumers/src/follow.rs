@@ -69,30 +69,35 @@ fn nats_err(what: &str, e: impl std::fmt::Display) -> SessionError {
     SessionError::Nats(format!("{what}: {e}"))
 }
 
-/// Follows the stream until `shutdown` turns true. NATS being unreachable is not an error: the
-/// loop retries with backoff while the views keep answering queries.
-pub async fn follow(
-    store: Arc<ViewStore>,
-    nats: NatsConfig,
-    apply: ApplyConfig,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), FollowError> {
-    let client = async_nats::ConnectOptions::new()
+/// Connects to NATS in the background (retrying forever), as the agent does.
+pub async fn connect(nats: &NatsConfig) -> Result<async_nats::Client, String> {
+    let (options, servers) =
+        cdc::nats_url::connect_options(async_nats::ConnectOptions::new(), &nats.url);
+    options
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
         .name("view-agent")
-        .connect(nats.url.as_str())
-        .await;
-    let client = match client {
-        Ok(c) => c,
-        Err(e) => {
+        .connect(servers.as_str())
+        .await
+        .map_err(|e| {
             // Only a malformed URL fails here (connecting is retried in the background).
-            tracing::error!(url = %nats.url, error = %e, "cannot use nats.url; views are served, nothing is applied");
-            crate::shutdown_requested(&mut shutdown).await;
-            return Ok(());
-        }
-    };
+            format!(
+                "cannot use nats.url {}: {e}",
+                cdc::publish::redact_url(&nats.url)
+            )
+        })
+}
+
+/// Follows the stream until `shutdown` turns true. NATS being unreachable is not an error: the
+/// loop retries with backoff while the views keep answering queries.
+pub async fn follow(
+    store: Arc<ViewStore>,
+    client: async_nats::Client,
+    nats: NatsConfig,
+    apply: ApplyConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), FollowError> {
     let mut applier = Applier::spawn(store.clone(), apply.max_batch_events);
     let result = follow_sessions(&store, &client, &nats, &apply, &mut applier, &mut shutdown).await;
     // Whatever was handed over is applied before returning (a clean stop at a transaction
@@ -387,7 +392,7 @@ impl<'a> Session<'a> {
         let reason = format!(
             "{HISTORY_GAP_PREFIX}: stream {} starts at sequence {first_seq} but this agent has applied only up to {}; \
              retention removed changes the view never saw. A re-snapshot of the source tables was requested; \
-             if no snapshot arrives, rebuild with `view-agent replay --from-start` after `cdc snapshot`",
+             if no snapshot arrives, run `cdc snapshot --table` and then `view-agent replay --view <view> --from-seq <its first sequence>`",
             self.nats.stream,
             expected - 1
         );
@@ -523,32 +528,9 @@ impl<'a> Session<'a> {
     }
 
     async fn fetch_large(&mut self, name: &str) -> Result<Vec<u8>, SessionError> {
-        if self.large.is_none() {
-            let bucket = format!("{}_LARGE", self.nats.stream);
-            let os = self
-                .js
-                .get_object_store(&bucket)
-                .await
-                .map_err(|e| nats_err(&format!("object store {bucket}"), e))?;
-            self.large = Some(os);
-        }
-        let Some(os) = &self.large else {
-            return Err(SessionError::Nats("object store unavailable".into()));
-        };
-        let fetch = async {
-            let mut obj = os
-                .get(name)
-                .await
-                .map_err(|e| nats_err(&format!("large event object {name}"), e))?;
-            let mut buf = Vec::new();
-            obj.read_to_end(&mut buf)
-                .await
-                .map_err(|e| nats_err(&format!("reading large event object {name}"), e))?;
-            Ok::<_, SessionError>(buf)
-        };
-        tokio::time::timeout(API_TIMEOUT * 12, fetch)
+        fetch_large(&self.js, &self.nats.stream, &mut self.large, name)
             .await
-            .map_err(|e| nats_err(&format!("large event object {name}"), e))?
+            .map_err(SessionError::Nats)
     }
 
     /// Hands the complete transactions gathered so far to the applier.
@@ -562,4 +544,39 @@ impl<'a> Session<'a> {
         self.applied_any = true;
         Ok(())
     }
+}
+
+/// Reads the body of a large event from the `<stream>_LARGE` object store (`cache` keeps the
+/// bucket handle between calls).
+pub(crate) async fn fetch_large(
+    js: &jetstream::Context,
+    stream: &str,
+    cache: &mut Option<jetstream::object_store::ObjectStore>,
+    name: &str,
+) -> Result<Vec<u8>, String> {
+    if cache.is_none() {
+        let bucket = format!("{stream}_LARGE");
+        let os = js
+            .get_object_store(&bucket)
+            .await
+            .map_err(|e| format!("object store {bucket}: {e}"))?;
+        *cache = Some(os);
+    }
+    let Some(os) = cache.as_ref() else {
+        return Err("object store unavailable".into());
+    };
+    let fetch = async {
+        let mut obj = os
+            .get(name)
+            .await
+            .map_err(|e| format!("large event object {name}: {e}"))?;
+        let mut buf = Vec::new();
+        obj.read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("reading large event object {name}: {e}"))?;
+        Ok::<_, String>(buf)
+    };
+    tokio::time::timeout(API_TIMEOUT * 12, fetch)
+        .await
+        .map_err(|e| format!("large event object {name}: {e}"))?
 }

@@ -10,12 +10,16 @@
 
 pub mod agent;
 pub mod config;
+pub mod control;
 pub mod follow;
 pub mod keys;
+pub mod metrics;
+pub mod replay;
 pub mod row;
 pub mod server;
 pub mod sql;
 pub mod store;
+pub mod verify;
 
 pub use agent::{Agent, AgentError};
 pub use config::{AgentConfig, ViewConfig};

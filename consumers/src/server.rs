@@ -9,6 +9,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::metrics::Interface;
 use async_trait::async_trait;
 use cdc::Lsn;
 use futures::{stream, Sink, SinkExt, StreamExt};
@@ -63,6 +64,7 @@ fn query_error(e: QueryError) -> PgWireError {
         QueryError::KeyArity { .. } => "42601",
         QueryError::Stale { .. } => "55000",
         QueryError::LsnTimeout { .. } => "57014",
+        QueryError::BadRow { .. } => "22023",
         QueryError::Store(_) => "58030",
     };
     user_error(code, e.to_string())
@@ -448,7 +450,7 @@ impl QueryService {
             .is_some_and(|v| matches!(v.as_str(), "on" | "true" | "1" | "yes"));
         let result = self
             .store
-            .read(&s.view, &keys, limit, allow_stale)
+            .read_via(Interface::Pgwire, &s.view, &keys, limit, allow_stale)
             .map_err(query_error)?;
         if let Some(reason) = &result.stale {
             let notice = ErrorInfo::new(

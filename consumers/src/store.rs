@@ -58,6 +58,10 @@ use tokio::sync::watch;
 
 use crate::config::{AgentConfig, StoreConfig, ViewConfig};
 use crate::keys;
+use crate::metrics::{Interface, StoreMetrics};
+
+mod fence;
+pub use fence::{Fence, FenceError};
 
 /// Name of the status table over pgwire.
 pub const STATUS_TABLE: &str = "cdc_status";
@@ -69,6 +73,12 @@ const META_STALE: &[u8] = b"m\0stale\0";
 const META_DEF: &[u8] = b"m\0def\0";
 const META_VID: &[u8] = b"m\0vid\0";
 const META_KINDS: &[u8] = b"m\0kinds\0";
+/// `m\0shadow\0<view>` → 2-byte id of a rebuild in progress (its rows are dropped on open).
+const META_SHADOW: &[u8] = b"m\0shadow\0";
+/// `m\0gc\0<2-byte id>`: rows of a replaced view still to delete.
+const META_GC: &[u8] = b"m\0gc\0";
+/// Rows deleted per batch when a replaced or abandoned view's rows are dropped.
+const DROP_CHUNK: usize = 10_000;
 /// The sled tree of this store format.
 const TREE: &str = "views2";
 /// Trees of earlier formats, dropped on open.
@@ -123,6 +133,14 @@ pub enum QueryError {
         applied: Lsn,
         /// How long it waited.
         waited: Duration,
+    },
+    /// A row given to [`ViewStore::write_rows`] does not fit the view.
+    #[error("a row does not fit view {view:?}: {reason}")]
+    BadRow {
+        /// The view.
+        view: String,
+        /// Why.
+        reason: String,
     },
     /// The store failed.
     #[error(transparent)]
@@ -209,8 +227,9 @@ pub struct SourceTransaction {
 pub struct View {
     /// The configuration.
     pub config: ViewConfig,
-    row_prefix: Vec<u8>,
-    pk_prefix: Vec<u8>,
+    /// The 2-byte id in row keys. Changes only when a rebuilt view is swapped in (under the
+    /// exclusive gate, with applying held), so a read under the gate sees one id.
+    id: std::sync::atomic::AtomicU16,
     /// Columns of the stored row (key, primary key, projection) or `None` = whole row (JSON).
     stored: Option<Vec<String>>,
     /// Positions of the key and primary-key columns in `stored`.
@@ -228,8 +247,6 @@ pub struct View {
 
 impl View {
     fn new(config: ViewConfig, id: u16) -> View {
-        let row_prefix = vec![b'k', (id >> 8) as u8, id as u8];
-        let pk_prefix = vec![b'p', (id >> 8) as u8, id as u8];
         let stored = config.columns.as_ref().map(|cols| {
             let mut all: Vec<String> = Vec::new();
             for c in config.key.iter().chain(&config.primary_key).chain(cols) {
@@ -265,8 +282,7 @@ impl View {
             .collect();
         View {
             config,
-            row_prefix,
-            pk_prefix,
+            id: std::sync::atomic::AtomicU16::new(id),
             stored,
             key_pos,
             pk_pos,
@@ -274,6 +290,24 @@ impl View {
             pk_rest,
             key_kinds,
         }
+    }
+
+    fn id(&self) -> u16 {
+        self.id.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn row_prefix(&self) -> [u8; 3] {
+        id_prefix(b'k', self.id())
+    }
+
+    fn pk_prefix(&self) -> [u8; 3] {
+        id_prefix(b'p', self.id())
+    }
+
+    /// The columns a stored row holds (key, primary key, projection), or `None` when the view
+    /// keeps whole source rows.
+    pub fn stored_columns(&self) -> Option<&[String]> {
+        self.stored.as_deref()
     }
 
     fn kinds(&self) -> Vec<u8> {
@@ -303,7 +337,7 @@ impl View {
                     got: key.len(),
                 });
             }
-            let mut partial: Vec<Vec<u8>> = vec![self.row_prefix.clone()];
+            let mut partial: Vec<Vec<u8>> = vec![self.row_prefix().to_vec()];
             for (col, val) in key.iter().enumerate() {
                 // The common case, a column that has held one kind only, given that kind.
                 let cands: Vec<Value> = if kinds[col] == kind_bit(val) {
@@ -415,8 +449,8 @@ impl View {
     }
 
     fn pk_key(&self, pk: &[&Value]) -> Vec<u8> {
-        let mut k = Vec::with_capacity(self.pk_prefix.len() + 9 * pk.len());
-        k.extend_from_slice(&self.pk_prefix);
+        let mut k = Vec::with_capacity(3 + 9 * pk.len());
+        k.extend_from_slice(&self.pk_prefix());
         keys::encode_tuple(&mut k, pk.iter().copied());
         k
     }
@@ -445,8 +479,8 @@ impl View {
     }
 
     fn row_key(&self, key: &[&Value], pk: &[&Value]) -> Vec<u8> {
-        let mut k = Vec::with_capacity(self.row_prefix.len() + 9 * (key.len() + pk.len()));
-        k.extend_from_slice(&self.row_prefix);
+        let mut k = Vec::with_capacity(3 + 9 * (key.len() + pk.len()));
+        k.extend_from_slice(&self.row_prefix());
         keys::encode_tuple(&mut k, key.iter().copied());
         match &self.key_in_pk {
             Some(_) => keys::encode_tuple(&mut k, self.pk_rest.iter().map(|&i| pk[i])),
@@ -486,6 +520,12 @@ impl View {
     }
 }
 
+/// `k`/`p` + a 2-byte view id.
+fn id_prefix(kind: u8, id: u16) -> [u8; 3] {
+    let [hi, lo] = id.to_be_bytes();
+    [kind, hi, lo]
+}
+
 /// Name of the JSON column of views that keep whole rows.
 pub const WHOLE_ROW_COLUMN: &str = "row";
 
@@ -503,6 +543,10 @@ pub struct ViewStore {
     cache: ReadCache,
     stale: Mutex<Vec<Option<String>>>,
     progress: watch::Sender<Progress>,
+    metrics: StoreMetrics,
+    fence: Fence,
+    /// Serialises view id allocation (rebuilds).
+    ids: Mutex<()>,
 }
 
 impl std::fmt::Debug for ViewStore {
@@ -565,6 +609,7 @@ impl ViewStore {
             }
         }
         let tree = db.open_tree(TREE).map_err(sled_err)?;
+        drop_leftovers(&tree).map_err(sled_err)?;
         let mut batch = sled::Batch::default();
         // View ids: stable across restarts and config reordering.
         let mut used: Vec<u16> = Vec::new();
@@ -645,7 +690,8 @@ impl ViewStore {
                 if applied_seq > 0 && reason.is_none() {
                     let r = format!(
                         "the view's definition changed (or the view is new) since the store was built at \
-                         stream sequence {applied_seq}; rebuild it with `view-agent replay --from-start`"
+                         stream sequence {applied_seq}; rebuild it with `view-agent replay --view {} --from-start`",
+                        v.name()
                     );
                     batch.insert(meta_key(META_STALE, v.name()), r.as_bytes());
                     reason = Some(r);
@@ -672,6 +718,9 @@ impl ViewStore {
             cache: ReadCache::new(options.read_cache_rows),
             stale: Mutex::new(stale),
             progress: watch::Sender::new(progress),
+            metrics: StoreMetrics::default(),
+            fence: Fence::default(),
+            ids: Mutex::new(()),
         })
     }
 
@@ -688,7 +737,7 @@ impl ViewStore {
         batch.insert(META_SEQ, &from_seq.saturating_sub(1).to_be_bytes());
         for v in &self.views {
             batch.insert(meta_key(META_DEF, v.name()), v.definition());
-            batch.insert(meta_key(META_VID, v.name()), &v.row_prefix[1..3]);
+            batch.insert(meta_key(META_VID, v.name()), &v.id().to_be_bytes());
             let none = vec![0u8; v.config.key.len()];
             batch.insert(meta_key(META_KINDS, v.name()), none.as_slice());
             for k in &v.key_kinds {
@@ -737,8 +786,18 @@ impl ViewStore {
         self.progress.subscribe()
     }
 
+    /// True once the follow loop has read the stream's state (since the store was opened).
+    pub fn stream_seen(&self) -> bool {
+        self.metrics
+            .stream_seen
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Records the stream's last sequence (for lag in `cdc_status`).
     pub fn set_stream_last_seq(&self, last: u64) {
+        self.metrics
+            .stream_seen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.progress.send_if_modified(|p| {
             let changed = p.stream_last_seq != last;
             p.stream_last_seq = last;
@@ -815,7 +874,45 @@ impl ViewStore {
 
     /// Applies whole source transactions and, optionally, a heartbeat `(seq, lsn)` read after
     /// them, as one atomic sled batch together with the applied sequence, LSN and watermark.
+    ///
+    /// Blocks while the apply [`Fence`] holds: transactions past a verify limit wait (those
+    /// before it are applied first, in their own batch).
     pub fn apply_group(
+        &self,
+        txs: &[SourceTransaction],
+        heartbeat: Option<(u64, Lsn)>,
+    ) -> Result<(), StoreError> {
+        let mut rest = txs;
+        loop {
+            let admitted = self.fence.admit(rest);
+            let all = admitted == rest.len();
+            let started = std::time::Instant::now();
+            let result = self.apply_admitted(&rest[..admitted], heartbeat.filter(|_| all));
+            self.fence.done();
+            result?;
+            let m = &self.metrics;
+            m.apply_seconds.observe(started.elapsed());
+            m.batches_applied
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let events: usize = rest[..admitted].iter().map(|t| t.events.len()).sum();
+            m.events_applied
+                .fetch_add(events as u64, std::sync::atomic::Ordering::Relaxed);
+            if let Some(ts) = rest[..admitted]
+                .last()
+                .and_then(|t| t.events.last())
+                .map(|e| e.source.ts_ms)
+            {
+                m.last_commit_ms
+                    .store(ts, std::sync::atomic::Ordering::Relaxed);
+            }
+            if all {
+                return Ok(());
+            }
+            rest = &rest[admitted..];
+        }
+    }
+
+    fn apply_admitted(
         &self,
         txs: &[SourceTransaction],
         heartbeat: Option<(u64, Lsn)>,
@@ -1007,6 +1104,31 @@ impl ViewStore {
         limit: usize,
         allow_stale: bool,
     ) -> Result<RawRead<'_>, QueryError> {
+        self.read_via(Interface::Api, view, keys, limit, allow_stale)
+    }
+
+    /// [`ViewStore::read`] on behalf of `interface` (for the query metrics).
+    pub fn read_via(
+        &self,
+        interface: Interface,
+        view: &str,
+        keys: &[Vec<Value>],
+        limit: usize,
+        allow_stale: bool,
+    ) -> Result<RawRead<'_>, QueryError> {
+        let started = std::time::Instant::now();
+        let r = self.read_at(view, keys, limit, allow_stale);
+        self.metrics.queries(interface).observe(started.elapsed());
+        r
+    }
+
+    fn read_at(
+        &self,
+        view: &str,
+        keys: &[Vec<Value>],
+        limit: usize,
+        allow_stale: bool,
+    ) -> Result<RawRead<'_>, QueryError> {
         let idx = self.view_index(view)?;
         let v = &self.views[idx];
         let stale = self.check_stale(idx, allow_stale)?;
@@ -1102,6 +1224,340 @@ impl ViewStore {
             }),
             other => Ok(other),
         }
+    }
+}
+
+/// A view being rebuilt beside the live one (`view-agent replay`): its rows live under a view
+/// id of their own until [`ViewStore::swap_shadow`] makes them the view's rows.
+#[derive(Debug)]
+pub struct Shadow {
+    index: usize,
+    view: View,
+}
+
+impl Shadow {
+    /// The view's name.
+    pub fn name(&self) -> &str {
+        self.view.name()
+    }
+
+    /// The source table, `(schema, table)`.
+    pub fn source(&self) -> (&str, &str) {
+        self.view
+            .config
+            .source_parts()
+            .unwrap_or(("", self.view.config.source.as_str()))
+    }
+}
+
+fn sled_scan_ids(tree: &sled::Tree, prefix: &[u8]) -> Result<Vec<(Vec<u8>, u16)>, sled::Error> {
+    let mut out = Vec::new();
+    for item in tree.scan_prefix(prefix) {
+        let (k, v) = item?;
+        if v.len() == 2 {
+            out.push((k.to_vec(), u16::from_be_bytes([v[0], v[1]])));
+        } else if k.len() == prefix.len() + 2 {
+            out.push((
+                k.to_vec(),
+                u16::from_be_bytes([k[prefix.len()], k[prefix.len() + 1]]),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes every row (and primary-key index entry) of view id `id`, in chunks.
+fn drop_id_rows(tree: &sled::Tree, id: u16) -> Result<usize, sled::Error> {
+    let mut dropped = 0;
+    for kind in [b'k', b'p'] {
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for k in tree
+                .scan_prefix(id_prefix(kind, id))
+                .keys()
+                .take(DROP_CHUNK)
+            {
+                batch.remove(k?);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            tree.apply_batch(batch)?;
+            if kind == b'k' {
+                dropped += n;
+            }
+        }
+    }
+    Ok(dropped)
+}
+
+/// Drops the rows of rebuilds that did not finish and of views replaced by a rebuild.
+fn drop_leftovers(tree: &sled::Tree) -> Result<(), sled::Error> {
+    for prefix in [META_SHADOW, META_GC] {
+        for (key, id) in sled_scan_ids(tree, prefix)? {
+            let n = drop_id_rows(tree, id)?;
+            tree.remove(key)?;
+            if n > 0 {
+                tracing::info!(
+                    id,
+                    rows = n,
+                    "dropped the rows of an unfinished or replaced view rebuild"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+impl ViewStore {
+    /// The store's hot-path counters.
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
+    }
+
+    /// The apply fence (see [`Fence`]).
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
+    /// Starts rebuilding `view`: an empty shadow view under a fresh view id. A shadow left by
+    /// an earlier attempt is dropped first.
+    pub fn begin_shadow(&self, view: &str) -> Result<Shadow, QueryError> {
+        let index = self.view_index(view)?;
+        let live = &self.views[index];
+        let _ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+        let shadow_key = meta_key(META_SHADOW, live.name());
+        if let Some(old) = self.tree.get(&shadow_key).map_err(|e| self.sled_err(e))? {
+            if old.len() == 2 {
+                drop_id_rows(&self.tree, u16::from_be_bytes([old[0], old[1]]))
+                    .map_err(|e| self.sled_err(e))?;
+            }
+        }
+        let mut max = 0u16;
+        for prefix in [META_VID, META_SHADOW, META_GC] {
+            for (_, id) in sled_scan_ids(&self.tree, prefix).map_err(|e| self.sled_err(e))? {
+                max = max.max(id);
+            }
+        }
+        for v in &self.views {
+            max = max.max(v.id());
+        }
+        let id = max
+            .checked_add(1)
+            .filter(|id| *id < u16::MAX)
+            .ok_or_else(|| StoreError::Corrupt("more than 65535 view ids".into()))?;
+        self.tree
+            .insert(&shadow_key, &id.to_be_bytes())
+            .map_err(|e| self.sled_err(e))?;
+        Ok(Shadow {
+            index,
+            view: View::new(live.config.clone(), id),
+        })
+    }
+
+    /// Applies stream events to a shadow view (events of other tables are skipped), in one
+    /// sled batch. `Ok(Err(reason))`: the view cannot follow an event (it would be stale).
+    pub fn apply_shadow(
+        &self,
+        shadow: &Shadow,
+        events: &[ChangeEvent],
+    ) -> Result<Result<(), String>, StoreError> {
+        let (schema, table) = shadow.source();
+        let mut pending = Pending {
+            tree: &self.tree,
+            writes: BTreeMap::new(),
+            touched: Vec::new(),
+            touched_all: false,
+            kinds: Vec::new(),
+        };
+        let mut scratch = Scratch::default();
+        let to_store = |e: PendingError| match e {
+            PendingError::Sled(s) => self.sled_err(s),
+            PendingError::Corrupt(m) => StoreError::Corrupt(m),
+        };
+        for ev in events {
+            if ev.source.schema != schema || ev.source.table != table {
+                continue;
+            }
+            if let Err(reason) =
+                apply_to_view(&shadow.view, usize::MAX, &mut pending, ev, &mut scratch)
+                    .map_err(to_store)?
+            {
+                return Ok(Err(reason));
+            }
+        }
+        let mut kinds = shadow.view.kinds();
+        for (_, col, bit) in &pending.kinds {
+            kinds[*col] |= bit;
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in pending.writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+        shadow.view.set_kinds(&kinds);
+        Ok(Ok(()))
+    }
+
+    /// Makes the shadow's rows the view's rows, atomically: one sled batch points the view at
+    /// the shadow's id, and readers switch under the exclusive gate (a query reads the old rows
+    /// or the new ones, never a mix). The caller holds the fence ([`Fence::hold`]) and has
+    /// applied to the shadow every message up to the applied sequence. The replaced rows are
+    /// deleted afterwards by [`ViewStore::drop_replaced`] with the id this returns (on the
+    /// next open if the process dies first).
+    pub fn swap_shadow(&self, shadow: &Shadow) -> Result<u16, StoreError> {
+        let live = &self.views[shadow.index];
+        let old = live.id();
+        let new = shadow.view.id();
+        let mut kinds = live.kinds();
+        for (k, s) in kinds.iter_mut().zip(shadow.view.kinds()) {
+            *k |= s;
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(meta_key(META_VID, live.name()), &new.to_be_bytes());
+        batch.remove(meta_key(META_SHADOW, live.name()));
+        let mut gc = META_GC.to_vec();
+        gc.extend_from_slice(&old.to_be_bytes());
+        batch.insert(gc, &[][..]);
+        batch.insert(meta_key(META_KINDS, live.name()), kinds.as_slice());
+        batch.remove(meta_key(META_STALE, live.name()));
+        {
+            let _gate = self
+                .read_gate
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+            live.id.store(new, std::sync::atomic::Ordering::Release);
+            live.set_kinds(&kinds);
+            self.cache.clear();
+            let mut stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
+            stale[shadow.index] = None;
+        }
+        Ok(old)
+    }
+
+    /// Deletes the rows of the view id a swap replaced; returns how many.
+    pub fn drop_replaced(&self, old: u16) -> Result<usize, StoreError> {
+        let dropped = drop_id_rows(&self.tree, old).map_err(|e| self.sled_err(e))?;
+        let mut gc = META_GC.to_vec();
+        gc.extend_from_slice(&old.to_be_bytes());
+        self.tree.remove(gc).map_err(|e| self.sled_err(e))?;
+        Ok(dropped)
+    }
+
+    /// Gives a rebuild up: drops the shadow's rows.
+    pub fn abandon_shadow(&self, shadow: &Shadow) -> Result<(), StoreError> {
+        drop_id_rows(&self.tree, shadow.view.id()).map_err(|e| self.sled_err(e))?;
+        self.tree
+            .remove(meta_key(META_SHADOW, shadow.name()))
+            .map_err(|e| self.sled_err(e))?;
+        Ok(())
+    }
+
+    /// Writes rows of one view outside the stream (what `view-agent verify --repair` uses, and
+    /// how a test damages a view): each row of `put` (a source row: at least the view's stored
+    /// columns) replaces the row with its primary key, each primary key in `delete` is removed.
+    /// One atomic batch, invisible to readers until complete; the applied position does not
+    /// move. Written rows carry `lsn` as their write LSN (the source point they were read at).
+    pub fn write_rows(
+        &self,
+        view: &str,
+        put: &[Row],
+        delete: &[Vec<Value>],
+        lsn: Lsn,
+    ) -> Result<(), QueryError> {
+        let index = self.view_index(view)?;
+        let v = &self.views[index];
+        let (schema, table) = v
+            .config
+            .source_parts()
+            .unwrap_or(("", v.config.source.as_str()));
+        let event = |op: Op, before: Option<Row>, after: Option<Row>| ChangeEvent {
+            op,
+            before,
+            after,
+            unchanged_toast: Vec::new(),
+            source: cdc::envelope::Source {
+                db: String::new(),
+                schema: schema.to_owned(),
+                table: table.to_owned(),
+                lsn,
+                commit_lsn: lsn,
+                tx_id: None,
+                ts_ms: 0,
+                snapshot: false,
+            },
+            transaction: None,
+            ts_ms: 0,
+        };
+        let mut events: Vec<ChangeEvent> = Vec::with_capacity(put.len() + delete.len());
+        for pk in delete {
+            if pk.len() != v.config.primary_key.len() {
+                return Err(QueryError::KeyArity {
+                    view: v.name().to_owned(),
+                    expected: v.config.primary_key.len(),
+                    got: pk.len(),
+                });
+            }
+            let before: Row = v
+                .config
+                .primary_key
+                .iter()
+                .cloned()
+                .zip(pk.iter().cloned())
+                .collect();
+            events.push(event(Op::Delete, Some(before), None));
+        }
+        for row in put {
+            events.push(event(Op::Read, None, Some(row.clone())));
+        }
+        let mut pending = Pending {
+            tree: &self.tree,
+            writes: BTreeMap::new(),
+            touched: Vec::new(),
+            touched_all: false,
+            kinds: Vec::new(),
+        };
+        let mut scratch = Scratch::default();
+        for ev in &events {
+            let applied =
+                apply_to_view(v, index, &mut pending, ev, &mut scratch).map_err(|e| match e {
+                    PendingError::Sled(s) => self.sled_err(s),
+                    PendingError::Corrupt(m) => StoreError::Corrupt(m),
+                })?;
+            if let Err(reason) = applied {
+                return Err(QueryError::BadRow {
+                    view: v.name().to_owned(),
+                    reason,
+                });
+            }
+        }
+        let mut kinds = v.kinds();
+        for (_, col, bit) in &pending.kinds {
+            kinds[*col] |= bit;
+        }
+        let mut batch = sled::Batch::default();
+        for (k, val) in pending.writes {
+            match val {
+                Some(val) => batch.insert(k, val),
+                None => batch.remove(k),
+            }
+        }
+        batch.insert(meta_key(META_KINDS, v.name()), kinds.as_slice());
+        let _gate = self
+            .read_gate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let applied = self.tree.apply_batch(batch);
+        self.cache.clear();
+        applied.map_err(|e| self.sled_err(e))?;
+        v.set_kinds(&kinds);
+        Ok(())
     }
 }
 
@@ -1376,9 +1832,10 @@ fn apply_to_view(
                                 return Ok(Err(format!(
                                     "column {c:?} is no longer in source table {} \
                                      (dropped or renamed at {}); fix the view's columns and \
-                                     rebuild it with `view-agent replay --from-start`",
+                                     rebuild it with `view-agent replay --view {} --from-start`",
                                     table(),
-                                    ev.source.commit_lsn
+                                    ev.source.commit_lsn,
+                                    cfg.name
                                 )))
                             }
                         }
@@ -1496,8 +1953,8 @@ fn apply_to_view(
         }
         Op::Truncate => {
             pending.touched_all = true;
-            for prefix in [&view.row_prefix, &view.pk_prefix] {
-                for (k, _) in pending.scan(prefix)? {
+            for prefix in [view.row_prefix(), view.pk_prefix()] {
+                for (k, _) in pending.scan(&prefix)? {
                     pending.del(k);
                 }
             }
@@ -1505,7 +1962,7 @@ fn apply_to_view(
         Op::SnapshotEnd => {
             pending.touched_all = true;
             let began = ev.source.lsn;
-            for (k, v) in pending.scan(&view.row_prefix)? {
+            for (k, v) in pending.scan(&view.row_prefix())? {
                 let (written, _) = view.decode(&v)?;
                 if written < began {
                     if view.key_in_pk.is_none() {

@@ -76,6 +76,7 @@ impl Harness {
             },
             apply: ApplyConfig::default(),
             store: Default::default(),
+            metrics: Default::default(),
             views: vec![standard_view()],
         }
     }
