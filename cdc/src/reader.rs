@@ -716,17 +716,21 @@ impl<'a> Pipeline<'a> {
     /// Marks `ticket` and every earlier publish acknowledged (the no-gap chain: the server
     /// stored `ticket` only after all of them) and moves past the acknowledged front.
     fn on_ack(&mut self, ticket: Ticket) {
+        let mut oldest = None;
         for entry in self.in_flight.iter_mut() {
             match entry.ticket {
                 Some(t) if t > ticket => break,
-                Some(t) if t == ticket => {
+                Some(_) if !entry.acked => {
                     entry.acked = true;
-                    // The latency of the publish the ack answers; those it covers were sent
-                    // earlier, so this is the short end of their latencies.
-                    self.metrics.acked(entry.sent_at.elapsed());
+                    oldest.get_or_insert(entry.sent_at);
                 }
                 _ => entry.acked = true,
             }
+        }
+        // One sample per PubAck: the latency of the oldest publish it acknowledges (the
+        // longest wait among those it covers).
+        if let Some(sent_at) = oldest {
+            self.metrics.acked(sent_at.elapsed());
         }
         self.pop_acked();
     }
