@@ -97,6 +97,11 @@ impl Nats {
         bail!("could not start nats-server on a free port after {PORT_ATTEMPTS} attempts")
     }
 
+    /// The server's process id while it runs (for a caller's own cleanup of last resort).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The client URL: `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
