@@ -246,8 +246,8 @@ impl fmt::Display for UserPageView {
         }
         writeln!(
             f,
-            " · {} top clients · from the local view in {}",
-            self.clients.len(),
+            " · {} · from the local view in {}",
+            plural(self.clients.len(), "top client"),
             ms(self.took)
         )?;
         if self.clients.is_empty() {
@@ -413,7 +413,7 @@ impl GigPage {
 
 /// The first line of a service error (its message already includes the cause).
 fn short_reason(e: &ServiceError) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_owned()
+    crate::service::describe(e)
 }
 
 impl fmt::Display for GigPageView {
@@ -442,8 +442,8 @@ impl fmt::Display for GigPageView {
                 )?;
                 writeln!(
                     f,
-                    "      Worked with {} clients (details unavailable: {reason})",
-                    ids.len()
+                    "      Worked with {} (details unavailable: {reason})",
+                    plural(ids.len(), "client")
                 )
             }
         }
@@ -524,6 +524,15 @@ impl SelfView {
         rows.iter()
             .map(|r| TopClient::from_row(r).map_err(err))
             .collect()
+    }
+}
+
+/// `1 client`, `3 clients`.
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 

@@ -273,9 +273,9 @@ fn section(title: &str) {
     println!("\n== {title}");
 }
 
-/// An error's message: its own line only (the service's errors already include their cause).
+/// An error's message with its causes, on one line.
 fn first_line(e: &dyn std::error::Error) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_owned()
+    crate::service::describe(e)
 }
 
 /// Two sellers with clients and one without.

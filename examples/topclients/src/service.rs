@@ -447,6 +447,22 @@ async fn read_clients(
         .collect()
 }
 
+/// An error with its causes, each once: `Top Clients database: error connecting to server:
+/// Connection refused (os error 111)`.
+pub fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
 /// What a seller did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ActionKind {
@@ -594,9 +610,7 @@ impl SellerActions {
     pub fn new_client(&mut self) -> NewClient {
         let client_id = 100_000 + i64::try_from(self.rng.below(5000)).unwrap_or(0);
         let index = usize::try_from(client_id).unwrap_or(0);
-        let hex: String = (0..50)
-            .map(|_| format!("{:016x}", self.rng.next_u64()))
-            .collect();
+        let hex = self.long_text();
         NewClient {
             client_id,
             name: format!(
@@ -608,6 +622,14 @@ impl SellerActions {
             industry: Some(INDUSTRIES[index % INDUSTRIES.len()].to_owned()),
             description: Some(format!("Added by the seller. {hex}")),
         }
+    }
+
+    /// 3,200 random hex digits: like the sample data's descriptions, long enough to be stored
+    /// out of line.
+    fn long_text(&mut self) -> String {
+        (0..200)
+            .map(|_| format!("{:016x}", self.rng.next_u64()))
+            .collect()
     }
 
     /// A fresh display name for an existing client (unique within this run).
@@ -666,9 +688,7 @@ impl SellerActions {
                 )
             }
             (ActionKind::EditDescription, Some(c)) => {
-                let hex: String = (0..50)
-                    .map(|_| format!("{:016x}", self.rng.next_u64()))
-                    .collect();
+                let hex = self.long_text();
                 let edit = ClientEdit {
                     description: Some(format!("Rewritten by the seller. {hex}")),
                     ..ClientEdit::default()

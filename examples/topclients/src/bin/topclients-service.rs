@@ -98,7 +98,10 @@ async fn run(cli: Cli) -> Result<(), ServiceError> {
                 );
             }
             // The database going away is the service's own outage: report, keep trying.
-            Err(e) => eprintln!("topclients-service: seller {seller}: {e}"),
+            Err(e) => eprintln!(
+                "topclients-service: seller {seller}: {}",
+                topclients::service::describe(&e)
+            ),
         }
         done += 1;
         if cli.actions > 0 && done >= cli.actions {
