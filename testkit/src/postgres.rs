@@ -201,6 +201,11 @@ impl Postgres {
         Ok(pg)
     }
 
+    /// The postmaster's process id while it runs (for a caller's own cleanup of last resort).
+    pub fn pid(&self) -> Option<u32> {
+        self.postmaster.as_ref().map(Child::id)
+    }
+
     /// The TCP port the server listens on.
     pub fn port(&self) -> u16 {
         self.port
