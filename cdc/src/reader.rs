@@ -229,6 +229,18 @@ async fn run_once(
             waiting.push_back((schema, table));
         }
     }
+    // Where this session's stream begins: every transaction it carries commits past the slot's
+    // confirmed position (a lower bound for where a snapshot's watch begins).
+    let stream_from: Option<String> = sql
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&pg.slot],
+        )
+        .await?
+        .and_then(|r| r.get(0));
+    let stream_from = stream_from
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(Lsn::ZERO);
     let stream = session.start(&pg.slot, &pg.publication, Lsn::ZERO).await?;
     *streamed = true;
     let _streaming = metrics.streaming(sink.client().clone());
@@ -248,6 +260,7 @@ async fn run_once(
         target.dbname().to_string(),
         Arc::clone(metrics),
     );
+    pipeline.stream_from = stream_from;
     pipeline.snapshots = Snapshots {
         store: Some(progress),
         reads: None,
@@ -365,6 +378,8 @@ struct Pipeline<'a> {
     safe: Lsn,
     /// End of the last transaction seen: every later transaction commits past it.
     last_end: Lsn,
+    /// The slot's confirmed position when this session started streaming.
+    stream_from: Lsn,
     /// Transactions the stream showed committing that snapshots may still see as running.
     committed: CommittedXids,
     /// A look at the oldest running transaction, to prune `committed`.
@@ -418,6 +433,7 @@ impl<'a> Pipeline<'a> {
             reported: Lsn::ZERO,
             safe: Lsn::ZERO,
             last_end: Lsn::ZERO,
+            stream_from: Lsn::ZERO,
             committed: CommittedXids::new(COMMITTED_XIDS_CAP),
             xmin_probe: None,
             marked: Lsn::ZERO,
@@ -892,7 +908,7 @@ impl<'a> Pipeline<'a> {
         // commits past this position, so rows written before it and not confirmed by the
         // snapshot are the ones the snapshot end may remove.
         if progress.start_lsn.is_none() {
-            progress.start_lsn = Some(self.safe.max(self.last_end));
+            progress.start_lsn = Some(self.safe.max(self.last_end).max(self.stream_from));
         }
         let unknown = self
             .builder

@@ -58,6 +58,13 @@ pub enum SetupError {
         /// What is wrong.
         problem: String,
     },
+    /// Postgres removed WAL the slot still needed (`max_slot_wal_keep_size`): changes are
+    /// lost and the slot can't stream again.
+    #[error("replication slot {slot:?} is invalidated: Postgres removed WAL it still needed (max_slot_wal_keep_size), so changes made while the reader was behind are lost; drop the slot (SELECT pg_drop_replication_slot('{slot}')), start the reader again (it creates a new slot) and re-snapshot every published table with `cdc snapshot --table schema.table`")]
+    SlotLost {
+        /// Slot name.
+        slot: String,
+    },
     /// A catalog query failed.
     #[error("checking the source database: {0}")]
     Sql(#[from] tokio_postgres::Error),
@@ -140,15 +147,19 @@ pub async fn prepare(
     ensure_publication(sql, publication, tables, &quoted).await?;
     let slot_row = sql
         .query_opt(
-            "SELECT active_pid, plugin::text, database::text FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT active_pid, plugin::text, database::text, wal_status::text FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await?;
     let Some(row) = slot_row else {
         return Ok(SlotState::Missing);
     };
-    let (pid, plugin, db): (Option<i32>, Option<String>, Option<String>) =
-        (row.get(0), row.get(1), row.get(2));
+    let (pid, plugin, db, wal_status): (
+        Option<i32>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ) = (row.get(0), row.get(1), row.get(2), row.get(3));
     let current_db: String = sql
         .query_one("SELECT current_database()::text", &[])
         .await?
@@ -164,6 +175,9 @@ pub async fn prepare(
             slot: slot.into(),
             problem: format!("belongs to database {:?}", db.unwrap_or_default()),
         });
+    }
+    if wal_status.as_deref() == Some("lost") {
+        return Err(SetupError::SlotLost { slot: slot.into() });
     }
     if let Some(pid) = pid {
         return Err(SetupError::SlotActive {

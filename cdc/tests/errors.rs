@@ -340,3 +340,60 @@ async fn stops_cleanly_on(signal: Signal) -> Result<()> {
     );
     Ok(())
 }
+
+/// A slot whose WAL Postgres removed (`max_slot_wal_keep_size`) can't stream the changes it
+/// missed: the reader says so and what to do, instead of streaming on as if nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidated_slot_is_refused_with_the_fix() -> Result<()> {
+    let env = Env::start(TABLE, &["public.items"]).await?;
+    let mut reader = env.start_reader().await?;
+    reader.signal(Signal::Term)?;
+    reader.wait_with_timeout(Duration::from_secs(10)).await?;
+    env.pg
+        .batch_execute(
+            "postgres",
+            "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
+        )
+        .await?;
+    env.pg
+        .batch_execute("postgres", "SELECT pg_reload_conf()")
+        .await?;
+    let sql = env.sql().await?;
+    sql.batch_execute(
+        "CREATE TABLE junk AS SELECT g, repeat('x', 500) AS pad FROM generate_series(1, 20000) g",
+    )
+    .await?;
+    testkit::until(Duration::from_secs(60), "the slot to be invalidated", || {
+        let pg = &env.pg;
+        let sql = &sql;
+        async move {
+            pg.batch_execute("postgres", "SELECT pg_switch_wal(); CHECKPOINT")
+                .await
+                .ok()?;
+            sql.batch_execute("INSERT INTO junk SELECT g, repeat('y', 500) FROM generate_series(1, 3000) g")
+                .await
+                .ok()?;
+            let status: Option<String> = sql
+                .query_one(
+                    "SELECT wal_status::text FROM pg_replication_slots WHERE slot_name = 'cdc_slot'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (status.as_deref() == Some("lost")).then_some(())
+        }
+    })
+    .await?;
+    let mut reader = env.spawn_reader()?;
+    let line = expect_refusal(&mut reader).await?;
+    ensure_contains(
+        &line,
+        &[
+            "invalidated",
+            "max_slot_wal_keep_size",
+            "pg_drop_replication_slot('cdc_slot')",
+            "cdc snapshot --table",
+        ],
+    )
+}

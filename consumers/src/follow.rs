@@ -314,6 +314,10 @@ impl<'a> Session<'a> {
         self.store.set_stream_last_seq(info.last_sequence);
         self.check_front(info.first_sequence, info.last_sequence, start)
             .await?;
+        let awaiting = self.store.tables_awaiting_snapshot();
+        if !awaiting.is_empty() {
+            self.request_snapshots(&awaiting).await;
+        }
         let consumer = stream
             .create_consumer(OrderedConfig {
                 deliver_policy: DeliverPolicy::ByStartSequence {
@@ -404,28 +408,34 @@ impl<'a> Session<'a> {
 
     /// Asks the reader to re-snapshot every source table of this agent's views (best effort).
     async fn request_resnapshot(&self) {
-        let subject = cdc::reader::control_subject(&self.nats.subject_prefix);
-        let mut tables: Vec<&str> = self
+        let mut tables: Vec<String> = self
             .store
             .views()
             .iter()
-            .map(|v| v.config.source.as_str())
+            .map(|v| v.config.source.clone())
             .collect();
         tables.sort_unstable();
         tables.dedup();
+        self.request_snapshots(&tables).await;
+    }
+
+    /// Asks the reader to snapshot `tables` (best effort: a reader that does not answer is
+    /// logged with the command to run).
+    async fn request_snapshots(&self, tables: &[String]) {
+        let subject = cdc::reader::control_subject(&self.nats.subject_prefix);
         for table in tables {
             let body = serde_json::json!({ "table": table }).to_string();
             let req = self.client.request(subject.clone(), body.into());
             match tokio::time::timeout(Duration::from_secs(2), req).await {
                 Ok(Ok(reply)) => {
-                    tracing::info!(table, reply = %String::from_utf8_lossy(&reply.payload), "re-snapshot requested")
+                    tracing::info!(table, reply = %String::from_utf8_lossy(&reply.payload), "snapshot requested")
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(table, error = %e, "re-snapshot request not answered; run `cdc snapshot --table`")
+                    tracing::warn!(table, error = %e, "snapshot request not answered; run `cdc snapshot --table {table}`")
                 }
                 Err(_) => tracing::warn!(
                     table,
-                    "re-snapshot request timed out; run `cdc snapshot --table`"
+                    "snapshot request timed out; run `cdc snapshot --table {table}`"
                 ),
             }
         }

@@ -95,6 +95,12 @@ pub enum StoreError {
         /// sled's error.
         source: sled::Error,
     },
+    /// Another process (or another store in this one) has the directory open.
+    #[error("sled store at {path} is in use by another process (another view-agent with this data_dir?); stop it or choose another data_dir")]
+    Locked {
+        /// The data directory.
+        path: String,
+    },
     /// A stored value does not decode: the store is damaged or from an incompatible version.
     #[error("sled store is damaged ({0}); move data_dir away and let the agent rebuild it")]
     Corrupt(String),
@@ -531,6 +537,8 @@ pub const WHOLE_ROW_COLUMN: &str = "row";
 
 /// The store of one agent: every configured view, its applied position and the read gate.
 pub struct ViewStore {
+    /// The applied LSN when the store was opened.
+    opened_at: Lsn,
     db: sled::Db,
     tree: sled::Tree,
     path: String,
@@ -593,12 +601,14 @@ impl ViewStore {
             path: spath.clone(),
             source,
         };
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(Some(200))
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(sled_err)?;
+        let db = open_sled(path).map_err(|source| match source {
+            sled::Error::Io(ref e) if e.to_string().contains("could not acquire lock") => {
+                StoreError::Locked {
+                    path: spath.clone(),
+                }
+            }
+            source => sled_err(source),
+        })?;
         for old in OLD_TREES {
             if db.tree_names().iter().any(|n| n.as_ref() == old.as_bytes()) {
                 tracing::warn!(
@@ -688,11 +698,25 @@ impl ViewStore {
             let stored_def = tree.get(&def_key).map_err(sled_err)?;
             if stored_def.as_deref() != Some(v.definition().as_slice()) {
                 if applied_seq > 0 && reason.is_none() {
-                    let r = format!(
-                        "the view's definition changed (or the view is new) since the store was built at \
-                         stream sequence {applied_seq}; rebuild it with `view-agent replay --view {} --from-start`",
-                        v.name()
-                    );
+                    let r = if stored_def.is_none() {
+                        // New in the config: its rows come from a snapshot of its source
+                        // table, which the agent requests (follow.rs); the snapshot's end
+                        // event makes it fresh.
+                        format!(
+                            "{AWAITING_SNAPSHOT_PREFIX} of {}: the view is new in this agent's config and the store \
+                             already follows the stream (sequence {applied_seq}); the agent asked the reader for one \
+                             (or run `cdc snapshot --table {}`, or `view-agent replay --view {} --from-start`)",
+                            v.config.source,
+                            v.config.source,
+                            v.name()
+                        )
+                    } else {
+                        format!(
+                            "the view's definition changed since the store was built at \
+                             stream sequence {applied_seq}; rebuild it with `view-agent replay --view {} --from-start`",
+                            v.name()
+                        )
+                    };
                     batch.insert(meta_key(META_STALE, v.name()), r.as_bytes());
                     reason = Some(r);
                 }
@@ -708,6 +732,7 @@ impl ViewStore {
             stream_last_seq: 0,
         };
         Ok(ViewStore {
+            opened_at: applied_lsn,
             db,
             tree,
             path: spath,
@@ -819,6 +844,21 @@ impl ViewStore {
                 stale: s.clone(),
             })
             .collect()
+    }
+
+    /// Source tables (`schema.table`) of views waiting for a snapshot (see
+    /// [`AWAITING_SNAPSHOT_PREFIX`]), each once.
+    pub fn tables_awaiting_snapshot(&self) -> Vec<String> {
+        let mut tables: Vec<String> = (0..self.views.len())
+            .filter(|&i| {
+                self.stale_reason(i)
+                    .is_some_and(|r| r.starts_with(AWAITING_SNAPSHOT_PREFIX))
+            })
+            .map(|i| self.views[i].config.source.clone())
+            .collect();
+        tables.sort_unstable();
+        tables.dedup();
+        tables
     }
 
     fn stale_reason(&self, idx: usize) -> Option<String> {
@@ -1047,9 +1087,14 @@ impl ViewStore {
                     new_stale.push((i, Some(reason)));
                 }
             } else if ev.op == Op::SnapshotEnd {
-                let gap_stale = self
-                    .stale_reason(i)
-                    .is_some_and(|r| r.starts_with(HISTORY_GAP_PREFIX));
+                // A snapshot that began after this store was opened was applied whole: it
+                // fills a view that waited for one. (One that began earlier may have rows
+                // this view never saw; the agent asks for another.)
+                let gap_stale = self.stale_reason(i).is_some_and(|r| {
+                    r.starts_with(HISTORY_GAP_PREFIX)
+                        || (r.starts_with(AWAITING_SNAPSHOT_PREFIX)
+                            && ev.source.lsn >= self.opened_at)
+                });
                 if gap_stale {
                     new_stale.push((i, None));
                 }
@@ -1660,6 +1705,34 @@ impl ReadCache {
 
 /// Prefix of the stale reason set when stream history was lost; cleared by a snapshot end.
 pub const HISTORY_GAP_PREFIX: &str = "stream history removed";
+/// How long opening waits for the directory's lock: a store just dropped in this process (its
+/// flusher thread lets go a moment later) or a process that was just killed releases it soon.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Opens the sled database at `path`, waiting up to [`LOCK_WAIT`] for its lock.
+fn open_sled(path: &Path) -> Result<sled::Db, sled::Error> {
+    let started = std::time::Instant::now();
+    loop {
+        let opened = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(200))
+            .mode(sled::Mode::HighThroughput)
+            .open();
+        match opened {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && started.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Start of the stale reason of a view added to the config of an agent that already follows
+/// the stream: it waits for a snapshot of its source table.
+pub const AWAITING_SNAPSHOT_PREFIX: &str = "waiting for a snapshot";
 
 enum PendingError {
     Sled(sled::Error),
@@ -1677,6 +1750,7 @@ impl From<StoreError> for PendingError {
         match e {
             StoreError::Sled { source, .. } => PendingError::Sled(source),
             StoreError::Corrupt(m) => PendingError::Corrupt(m),
+            e @ StoreError::Locked { .. } => PendingError::Corrupt(e.to_string()),
         }
     }
 }

@@ -839,3 +839,78 @@ async fn views_answer_with_postgres_and_nats_down() -> Result<()> {
     agent.shutdown().await?;
     env.stop_reader().await
 }
+
+/// A view added to the config of an agent that already follows the stream has none of the
+/// rows written before: the agent marks it stale, asks the reader for a snapshot of its source
+/// table, and the snapshot (while writes go on) makes it equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_added_later_is_filled_by_the_snapshot_it_requests() -> Result<()> {
+    let env = Env::start().await?;
+    let header = |listen: &str| {
+        format!(
+            "name = \"late\"\ndata_dir = {data:?}\n\n[nats]\nurl = {url:?}\nstream = {STREAM:?}\n\
+             subject_prefix = {PREFIX:?}\n\n[pgwire]\nlisten = {listen:?}\n",
+            data = env.dir.path().join("late").display().to_string(),
+            url = env.nats.url(),
+        )
+    };
+    let (first, added) = (&VIEWS[0], &VIEWS[1]);
+    let config = |views: &[&ViewSpec]| -> Result<AgentConfig> {
+        let mut text = header("");
+        for v in views {
+            text.push_str(v.toml);
+        }
+        let cfg = AgentConfig::parse(&text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    };
+    let mut sql = env.sql().await?;
+    let mut work = Workload::new(0x5EED_0005);
+    let agent = Agent::start(config(&[first])?).await?;
+    for _ in 0..300 {
+        work.transaction(&mut sql).await?;
+    }
+    agent
+        .wait_for_lsn(current_lsn(&sql).await?, CATCH_UP)
+        .await?;
+    agent.shutdown().await?;
+
+    let agent = Agent::start(config(&[first, added])?).await?;
+    let status = |agent: &Agent| {
+        agent
+            .store()
+            .status()
+            .into_iter()
+            .find(|s| s.view == added.name)
+            .and_then(|s| s.stale)
+    };
+    let stale = status(&agent).context("the added view is not stale at first")?;
+    assert!(
+        stale.starts_with(consumers::store::AWAITING_SNAPSHOT_PREFIX),
+        "{stale}"
+    );
+    // Writes go on while the snapshot runs.
+    for _ in 0..150 {
+        work.transaction(&mut sql).await?;
+    }
+    testkit::until(CATCH_UP, "the added view to be filled", || async {
+        status(&agent).is_none().then_some(())
+    })
+    .await?;
+    agent
+        .wait_for_lsn(current_lsn(&sql).await?, CATCH_UP)
+        .await?;
+    for v in [first, added] {
+        let want: Vec<Row> = sql
+            .query(v.expected_sql, &[])
+            .await?
+            .iter()
+            .map(|r| serde_json::from_str::<Row>(&r.get::<_, String>(0)))
+            .collect::<Result<_, _>>()?;
+        let got = agent.store().scan(v.name, usize::MAX, false)?.rows;
+        assert!(want.len() > 20, "too few rows in {}", v.name);
+        assert_eq!(got, want, "view {} differs from the source", v.name);
+    }
+    agent.shutdown().await?;
+    env.stop_reader().await
+}
