@@ -107,6 +107,21 @@ async fn through_marker(env: &Env, id: i64) -> Result<Vec<Received>> {
     Ok(all)
 }
 
+/// Runs `cdc snapshot --table TABLE` (asks the running reader, follows to the end) on a
+/// blocking thread.
+fn snapshot_command(
+    env: &Env,
+    table: &'static str,
+) -> tokio::task::JoinHandle<std::io::Result<std::process::Output>> {
+    let config = env.config.clone();
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_cdc"))
+            .args(["snapshot", "--table", table, "--config"])
+            .arg(config)
+            .output()
+    })
+}
+
 /// Waits until the newest message on the table's subject is a snapshot end (the tests stop
 /// writing before the snapshot can end).
 async fn wait_for_snapshot_end(env: &Env, timeout: Duration) -> Result<()> {
@@ -259,16 +274,7 @@ async fn snapshot_resumes_after_kill_and_can_be_requested_again() -> Result<()> 
         .iter()
         .filter(|r| r.event.op == Op::SnapshotEnd)
         .count();
-    let status = tokio::task::spawn_blocking({
-        let config = env.config.clone();
-        move || {
-            Command::new(env!("CARGO_BIN_EXE_cdc"))
-                .args(["snapshot", "--table", "public.items", "--config"])
-                .arg(config)
-                .output()
-        }
-    })
-    .await??;
+    let status = snapshot_command(&env, "public.items").await??;
     ensure!(
         status.status.success(),
         "cdc snapshot failed: {}",
@@ -300,16 +306,7 @@ async fn tables_without_primary_key_are_refused_clearly_and_still_stream() -> Re
     reader
         .wait_for_output("has no primary key", Duration::from_secs(60))
         .await?;
-    let out = tokio::task::spawn_blocking({
-        let config = env.config.clone();
-        move || {
-            Command::new(env!("CARGO_BIN_EXE_cdc"))
-                .args(["snapshot", "--table", "public.logs", "--config"])
-                .arg(config)
-                .output()
-        }
-    })
-    .await??;
+    let out = snapshot_command(&env, "public.logs").await??;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(
         !out.status.success(),
@@ -417,15 +414,7 @@ async fn a_committed_but_invisible_change_is_not_overwritten_by_a_snapshot_read(
     )
     .await?;
     // Snapshot the table while the delete is still invisible to every snapshot.
-    let snapshot = tokio::task::spawn_blocking({
-        let config = env.config.clone();
-        move || {
-            Command::new(env!("CARGO_BIN_EXE_cdc"))
-                .args(["snapshot", "--table", "public.items", "--config"])
-                .arg(config)
-                .output()
-        }
-    });
+    let snapshot = snapshot_command(&env, "public.items");
     reader
         .wait_for_output("committed but are not visible yet", Duration::from_secs(60))
         .await?;
