@@ -241,6 +241,7 @@ pub async fn run(events: u64) -> Result<RowReport> {
         name: "apply",
         lines: vec![line(&outcome)],
         data: serde_json::to_value(&outcome)?,
+        machine_busy_percent: 0.0,
     })
 }
 

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use testkit::{Nats, Postgres};
 use tokio::task::JoinHandle;
 
-use crate::pipeline::{self, AgentView, Binaries};
+use crate::pipeline::{self, AgentView, Binaries, CpuMeter, MachineMeter};
 use crate::report::{self, Line, RowReport, Target};
 
 /// Target: p99 commit → in stream, ms.
@@ -142,8 +142,38 @@ pub struct Outcome {
     arrived_before_commit_returned: u64,
     /// Sampled transactions never seen in the view within the probe timeout.
     probes_missed: u64,
+    /// How busy the machine's CPUs were during the load (every process), percent.
+    machine_busy_percent: f64,
+    /// The part of it this row's processes used (this one, Postgres, NATS, reader, agent).
+    own_busy_percent: f64,
+    /// CPU time per transaction during the load, µs: reader, agent, nats-server.
+    cpu_us_per_tx: CpuPerTx,
+    /// Commit → in stream for each second of the load (by commit time): where the tail is.
+    stream_by_second: Vec<Second>,
     /// The writer's commit round trip, commit → in stream, commit → visible, JetStream alone.
     pub series: Vec<Series>,
+}
+
+/// CPU time per transaction of the processes on the path, µs.
+#[derive(Debug, Serialize)]
+struct CpuPerTx {
+    reader: f64,
+    agent: f64,
+    nats_server: f64,
+    /// Every backend (writers, walsender, …).
+    postgres: f64,
+    /// The writers' client side, the stream consumer and the probes.
+    bench_process: f64,
+}
+
+/// Commit → in stream of the transactions committed in one second of the load.
+#[derive(Debug, Serialize)]
+struct Second {
+    second: u64,
+    n: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
 }
 
 #[derive(Deserialize)]
@@ -274,6 +304,16 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
         settings.rate, settings.secs, settings.writers
     );
     let commits: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+    let cpu = CpuMeter::start(&[reader.pid(), agent.pid(), pipeline::pid_of(&nats)?]);
+    let machine = MachineMeter::start();
+    // Everything this row runs: this process (writers, consumer, probes) and its children
+    // (nats-server, the reader, the agent, the postmaster), and Postgres' backends.
+    let pg_pid = pg.pid().context("postgres is not running")?;
+    let own = || pipeline::tree_cpu(std::process::id()) + pipeline::children_cpu(pg_pid);
+    let own_start = own();
+    let pg_cpu = pipeline::children_cpu(pg_pid);
+    let me_cpu = pipeline::cpu_of(std::process::id());
+    let load_start = Instant::now();
     let start = Instant::now() + Duration::from_millis(100);
     let mut writers = Vec::new();
     for w in 0..settings.writers {
@@ -324,6 +364,13 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
         all_probes.extend(p);
     }
     let load_end = Instant::now();
+    let cpu = cpu.used();
+    let machine_busy_percent = machine.busy_percent();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let own_busy_percent = 100.0 * own().saturating_sub(own_start).as_secs_f64()
+        / (load_start.elapsed().as_secs_f64() * cpus);
+    let pg_cpu = pipeline::children_cpu(pg_pid).saturating_sub(pg_cpu);
+    let me_cpu = pipeline::cpu_of(std::process::id()).saturating_sub(me_cpu);
     for (k, p) in all_probes {
         match p.await? {
             Some(latency) if k >= warmup => view_hist.record(latency.as_micros() as u64)?,
@@ -334,14 +381,34 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
     let (arrived, sample) = arrivals.await??;
     let mut stream_hist = Histogram::<u64>::new(3)?;
     let mut early = 0u64;
+    let mut seconds: Vec<Histogram<u64>> = Vec::new();
+    let start_ns = since(start);
     for k in warmup..total {
         let committed = commits[k as usize].load(Ordering::Relaxed);
         let arrival = arrived[k as usize + 1];
         if arrival < committed {
             early += 1;
         }
-        stream_hist.record(arrival.saturating_sub(committed) / 1000)?;
+        let us = arrival.saturating_sub(committed) / 1000;
+        stream_hist.record(us)?;
+        let second = (committed.saturating_sub(start_ns) / 1_000_000_000) as usize;
+        while seconds.len() <= second {
+            seconds.push(Histogram::new(3)?);
+        }
+        seconds[second].record(us)?;
     }
+    let stream_by_second = seconds
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| !h.is_empty())
+        .map(|(i, h)| Second {
+            second: i as u64,
+            n: h.len(),
+            p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
+            p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+            max_ms: h.max() as f64 / 1000.0,
+        })
+        .collect();
     let measured_start = start + Duration::from_secs_f64(settings.warmup_secs);
     let achieved_rate = (total - warmup) as f64
         / load_end
@@ -368,12 +435,23 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
         max_writer_lag_ms: max_writer_lag.as_secs_f64() * 1000.0,
         arrived_before_commit_returned: early,
         probes_missed,
+        machine_busy_percent,
+        own_busy_percent,
+        cpu_us_per_tx: CpuPerTx {
+            reader: report::micros_per(cpu[0], total),
+            agent: report::micros_per(cpu[1], total),
+            nats_server: report::micros_per(cpu[2], total),
+            postgres: report::micros_per(pg_cpu, total),
+            bench_process: report::micros_per(me_cpu, total),
+        },
+        stream_by_second,
         series: series.clone(),
     };
     let report = RowReport {
         name: "latency",
         lines: lines(&outcome),
         data: serde_json::to_value(&outcome)?,
+        machine_busy_percent: 0.0,
     };
     Ok((report, series))
 }
@@ -483,9 +561,16 @@ fn lines(o: &Outcome) -> Vec<Line> {
             measurement: format!("Latency, commit → in stream (JetStream ordered consumer): {load}"),
             result: format!("**{}** (n = {})", stream.summary(), report::thousands(stream.n)),
             beside: format!(
-                "JetStream alone, publish → ordered consumer at the same rate: {}; the writer's commit round trip: {}",
+                "JetStream alone, publish → ordered consumer at the same rate: {}; the writer's commit round trip: {}; CPU per tx: reader {:.0} µs, agent {:.0} µs, nats-server {:.0} µs, Postgres {:.0} µs, writers + consumer + probes {:.0} µs; the machine's CPUs {:.0}% busy during the load, {:.0}% of them by this row's processes",
                 floor.summary(),
-                commit.summary()
+                commit.summary(),
+                o.cpu_us_per_tx.reader,
+                o.cpu_us_per_tx.agent,
+                o.cpu_us_per_tx.nats_server,
+                o.cpu_us_per_tx.postgres,
+                o.cpu_us_per_tx.bench_process,
+                o.machine_busy_percent,
+                o.own_busy_percent,
             ),
             targets: vec![Target::new(
                 format!("p99 ≤ {TARGET_STREAM_P99_MS:.0} ms"),

@@ -196,6 +196,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     for row in rows {
         eprintln!("== {} {} ==", row as u8, row.name());
         let t = Instant::now();
+        let busy = pipeline::MachineMeter::start();
         // An interrupted row is dropped, which stops the servers and processes it started.
         let result = tokio::select! {
             r = run_row(row, &bins, cli.quick, &mut latency_series) => r,
@@ -205,8 +206,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         };
         match result {
-            Ok(report) => {
-                eprintln!("   done in {:.0} s", t.elapsed().as_secs_f64());
+            Ok(mut report) => {
+                report.machine_busy_percent = busy.busy_percent();
+                eprintln!(
+                    "   done in {:.0} s (the machine's CPUs {:.0}% busy)",
+                    t.elapsed().as_secs_f64(),
+                    report.machine_busy_percent
+                );
                 reports.push(report);
             }
             Err(e) => {
@@ -223,6 +229,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         targets: Vec::new(),
                     }],
                     data: serde_json::Value::Null,
+                    machine_busy_percent: busy.busy_percent(),
                 });
                 failures.push(format!("{}: {why}", row.name()));
             }

@@ -169,5 +169,6 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
             ),
         ],
         data: serde_json::to_value(&outcome)?,
+        machine_busy_percent: 0.0,
     })
 }

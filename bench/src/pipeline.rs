@@ -250,3 +250,83 @@ pub async fn stop(child: &mut ChildProcess) -> Result<()> {
     }
     Ok(())
 }
+
+/// How busy the whole machine's CPUs were over a phase (every process, this benchmark's and
+/// its neighbours'), from `/proc/stat`.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineMeter {
+    start: (u64, u64),
+}
+
+impl MachineMeter {
+    /// Starts measuring.
+    pub fn start() -> MachineMeter {
+        MachineMeter { start: cpu_ticks() }
+    }
+
+    /// Percent of the machine's CPU time that was busy since [`MachineMeter::start`] (100 = every
+    /// CPU busy all the time).
+    pub fn busy_percent(&self) -> f64 {
+        let (busy, total) = cpu_ticks();
+        let (busy, total) = (busy - self.start.0, total - self.start.1);
+        if total == 0 {
+            0.0
+        } else {
+            100.0 * busy as f64 / total as f64
+        }
+    }
+}
+
+/// `(busy, total)` clock ticks of all CPUs since boot.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    (busy, busy + at(3) + at(4))
+}
+
+/// `(ppid, utime + stime + cutime + cstime)` of a process, in clock ticks.
+fn ticks_of(pid: u32) -> Option<(u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the parenthesised command: state, ppid, …; utime, stime, cutime, cstime are fields
+    // 14–17 of the whole line.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ppid = fields.get(1)?.parse().ok()?;
+    let sum = fields
+        .get(11..15)?
+        .iter()
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    Some((ppid, sum))
+}
+
+/// CPU time of a process so far, with that of its children: those it has waited for, and its
+/// live children (a Postgres postmaster's backends).
+pub fn tree_cpu(pid: u32) -> Duration {
+    Duration::from_millis(ticks_of(pid).map_or(0, |(_, t)| t) * 10) + children_cpu(pid)
+}
+
+/// CPU time of the live children of a process (and of their waited-for children).
+pub fn children_cpu(parent: u32) -> Duration {
+    let ticks: u64 = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|pid| ticks_of(pid).and_then(|(ppid, t)| (ppid == parent).then_some(t)))
+                .sum()
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}

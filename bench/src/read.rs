@@ -378,6 +378,7 @@ pub async fn run(bins: &Binaries, secs: f64) -> Result<RowReport> {
         name: "read",
         lines: vec![line(&outcomes, secs)],
         data,
+        machine_busy_percent: 0.0,
     })
 }
 

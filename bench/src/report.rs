@@ -49,6 +49,8 @@ pub struct RowReport {
     pub lines: Vec<Line>,
     /// The row's raw numbers.
     pub data: serde_json::Value,
+    /// How busy the machine's CPUs were while the row ran (every process, percent).
+    pub machine_busy_percent: f64,
 }
 
 /// The markdown table of all lines: result, the ceilings beside it, targets and whether each

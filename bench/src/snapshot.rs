@@ -95,6 +95,7 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
         name: "snapshot",
         lines: vec![line(&outcome)],
         data: serde_json::to_value(&outcome)?,
+        machine_busy_percent: 0.0,
     })
 }
 

@@ -278,6 +278,7 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<RowReport> {
         name: "throughput",
         lines: vec![line(&outcome)],
         data: serde_json::to_value(&outcome)?,
+        machine_busy_percent: 0.0,
     })
 }
 
