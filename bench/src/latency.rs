@@ -29,9 +29,9 @@ pub const TARGET_STREAM_P99_MS: f64 = 10.0;
 pub const TARGET_VIEW_P99_MS: f64 = 25.0;
 /// pgwire connections the probes share (queries pipeline on each).
 const PROBE_CONNECTIONS: usize = 4;
-/// A probe reads again as soon as a read returns without the row for this long after the
-/// commit (a pgwire round trip is ~0.1–0.2 ms, so the visible time is that precise), then
-/// pauses [`PROBE_INTERVAL`] between reads.
+/// A probe reads again as soon as a read returns without the row for this long after the row
+/// reached the stream (a pgwire round trip is ~0.1–0.2 ms, so the visible time is that
+/// precise), then pauses [`PROBE_INTERVAL`] between reads.
 const PROBE_EAGER: Duration = Duration::from_millis(30);
 /// Pause between two reads of a probe past [`PROBE_EAGER`].
 const PROBE_INTERVAL: Duration = Duration::from_millis(1);
@@ -234,7 +234,20 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
     let origin = Instant::now();
     let since = move |t: Instant| t.saturating_duration_since(origin).as_nanos() as u64;
 
-    // The stream side: an ordered consumer from now on, recording each row's arrival.
+    // The view side: pgwire connections shared by the probes.
+    let mut probes = Vec::new();
+    for _ in 0..PROBE_CONNECTIONS {
+        let c = pipeline::connect(&pipeline::agent_conn(port)).await?;
+        let stmt = c
+            .prepare("SELECT seller_id FROM lat_by_id WHERE id = $1")
+            .await?;
+        probes.push((c, stmt));
+    }
+    let probes = Arc::new(probes);
+
+    // The stream side: an ordered consumer from now on, recording each row's arrival and
+    // starting the view probe of every `probe_every`th row once it is in the stream (the view
+    // is fed by the stream, so reading it earlier only costs CPU).
     let mut messages = stream
         .create_consumer(OrderedConfig {
             deliver_policy: DeliverPolicy::New,
@@ -244,9 +257,11 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
         .await?
         .messages()
         .await?;
-    let arrivals: JoinHandle<Result<(Vec<u64>, Option<Bytes>)>> = tokio::spawn(async move {
+    let consumer_probes = probes.clone();
+    let arrivals: JoinHandle<Result<Arrivals>> = tokio::spawn(async move {
         // Index = row id; 0 = not arrived. Row 0 is the warm-up transaction.
         let mut arrived = vec![0u64; total as usize + 1];
+        let mut view_probes = Vec::new();
         let mut missing = total + 1;
         let mut sample = None;
         while missing > 0 {
@@ -268,24 +283,21 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
             if *slot == 0 {
                 *slot = now.max(1);
                 missing -= 1;
+                if id > 0 && (id as u64 - 1) % settings.probe_every == 0 {
+                    let visible = tokio::spawn(probe(consumer_probes.clone(), id, Instant::now()));
+                    view_probes.push((id as u64 - 1, visible));
+                }
             }
             if sample.is_none() {
                 sample = Some(m.payload.clone());
             }
         }
-        Ok((arrived, sample))
+        Ok(Arrivals {
+            arrived,
+            view_probes,
+            sample,
+        })
     });
-
-    // The view side: pgwire connections shared by the probes.
-    let mut probes = Vec::new();
-    for _ in 0..PROBE_CONNECTIONS {
-        let c = pipeline::connect(&pipeline::agent_conn(port)).await?;
-        let stmt = c
-            .prepare("SELECT seller_id FROM lat_by_id WHERE id = $1")
-            .await?;
-        probes.push((c, stmt));
-    }
-    let probes = Arc::new(probes);
 
     // Warm-up transaction (row 0): the whole path is live before the schedule starts.
     let insert = "INSERT INTO lat (id, seller_id, name, position) VALUES ($1, $2, $3, $4)";
@@ -319,12 +331,10 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
     for w in 0..settings.writers {
         let conn = pipeline::connect(&pg.url(&db)).await?;
         let commits = commits.clone();
-        let probes = probes.clone();
         writers.push(tokio::spawn(async move {
             let stmt = conn.prepare(insert).await?;
             let mut commit_hist = Histogram::<u64>::new(3)?;
             let mut max_lag = Duration::ZERO;
-            let mut view_probes = Vec::new();
             for k in (w as u64..total).step_by(settings.writers) {
                 let due = start + Duration::from_secs_f64(k as f64 / settings.rate as f64);
                 tokio::time::sleep_until(due.into()).await;
@@ -344,11 +354,8 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
                 let done = Instant::now();
                 commits[k as usize].store(since(done).max(1), Ordering::Relaxed);
                 commit_hist.record((done - t0).as_micros() as u64)?;
-                if k % settings.probe_every == 0 {
-                    view_probes.push((k, tokio::spawn(probe(probes.clone(), id, done))));
-                }
             }
-            anyhow::Ok((commit_hist, max_lag, view_probes))
+            anyhow::Ok((commit_hist, max_lag))
         }));
     }
     let warmup = (settings.rate as f64 * settings.warmup_secs) as u64;
@@ -356,12 +363,10 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
     let mut view_hist = Histogram::<u64>::new(3)?;
     let mut max_writer_lag = Duration::ZERO;
     let mut probes_missed = 0u64;
-    let mut all_probes = Vec::new();
     for w in writers {
-        let (h, lag, p) = w.await??;
+        let (h, lag) = w.await??;
         commit_hist.add(h)?;
         max_writer_lag = max_writer_lag.max(lag);
-        all_probes.extend(p);
     }
     let load_end = Instant::now();
     let cpu = cpu.used();
@@ -371,14 +376,21 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
         / (load_start.elapsed().as_secs_f64() * cpus);
     let pg_cpu = pipeline::children_cpu(pg_pid).saturating_sub(pg_cpu);
     let me_cpu = pipeline::cpu_of(std::process::id()).saturating_sub(me_cpu);
-    for (k, p) in all_probes {
+    let Arrivals {
+        arrived,
+        view_probes,
+        sample,
+    } = arrivals.await??;
+    for (k, p) in view_probes {
         match p.await? {
-            Some(latency) if k >= warmup => view_hist.record(latency.as_micros() as u64)?,
+            Some(visible) if k >= warmup => {
+                let committed = commits[k as usize].load(Ordering::Relaxed);
+                view_hist.record(since(visible).saturating_sub(committed) / 1000)?;
+            }
             Some(_) => {}
             None => probes_missed += 1,
         }
     }
-    let (arrived, sample) = arrivals.await??;
     let mut stream_hist = Histogram::<u64>::new(3)?;
     let mut early = 0u64;
     let mut seconds: Vec<Histogram<u64>> = Vec::new();
@@ -456,20 +468,30 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
     Ok((report, series))
 }
 
-/// Reads row `id` from the view until it is there; the time from `committed` to the return of
-/// the first read that saw it, `None` after [`PROBE_TIMEOUT`] or on an error.
+/// What the stream consumer saw.
+struct Arrivals {
+    /// Arrival time of each row (ns since the origin), by row id.
+    arrived: Vec<u64>,
+    /// `(transaction index, probe)` of the sampled rows.
+    view_probes: Vec<(u64, JoinHandle<Option<Instant>>)>,
+    /// One event's body (for JetStream alone).
+    sample: Option<Bytes>,
+}
+
+/// Reads row `id` from the view until it is there; the instant the first read that saw it
+/// returned, `None` after [`PROBE_TIMEOUT`] or on an error. `from` is when it started.
 async fn probe(
     probes: Arc<Vec<(tokio_postgres::Client, tokio_postgres::Statement)>>,
     id: i64,
-    committed: Instant,
-) -> Option<Duration> {
+    from: Instant,
+) -> Option<Instant> {
     let (client, stmt) = &probes[id as usize % probes.len()];
     loop {
         let row = client.query_opt(stmt, &[&id]).await.ok()?;
         if row.is_some() {
-            return Some(committed.elapsed());
+            return Some(Instant::now());
         }
-        let waited = committed.elapsed();
+        let waited = from.elapsed();
         if waited > PROBE_TIMEOUT {
             return None;
         }
