@@ -283,7 +283,7 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
             if *slot == 0 {
                 *slot = now.max(1);
                 missing -= 1;
-                if id > 0 && (id as u64 - 1) % settings.probe_every == 0 {
+                if id > 0 && (id as u64 - 1).is_multiple_of(settings.probe_every) {
                     let visible = tokio::spawn(probe(consumer_probes.clone(), id, Instant::now()));
                     view_probes.push((id as u64 - 1, visible));
                 }
