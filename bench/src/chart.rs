@@ -8,6 +8,7 @@ use plotters::prelude::*;
 use plotters::style::FontStyle;
 
 use crate::latency::{Series, TARGET_STREAM_P99_MS, TARGET_VIEW_P99_MS};
+use crate::report::Machine;
 
 /// The font the chart's text is drawn with.
 const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -42,6 +43,14 @@ const COLORS: [RGBColor; 4] = [
     RGBColor(44, 160, 44),
     RGBColor(127, 127, 127),
 ];
+
+/// The chart's second line: the load, when, and on what.
+pub fn subtitle(rate: u64, secs: f64, started_at: &str, machine: &Machine) -> String {
+    format!(
+        "{rate} transactions/s offered for {secs} s; run of {started_at} on {} × {} (load average {:.2} at the start)",
+        machine.cpus, machine.cpu, machine.load_start[0]
+    )
+}
 
 /// Draws `series` and returns the PNG file's bytes.
 pub fn latency_png(_font: Font, series: &[Series], subtitle: &str) -> Result<Vec<u8>> {

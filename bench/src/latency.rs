@@ -41,7 +41,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The offered load.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Settings {
     /// Transactions per second, over all writers.
     pub rate: u64,
@@ -72,7 +72,7 @@ impl Settings {
 }
 
 /// A latency distribution, in milliseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Series {
     /// What it measures.
     pub label: String,

@@ -47,6 +47,10 @@ struct Cli {
     /// Where the JSON results and the latency chart go.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     results: PathBuf,
+    /// Measure nothing: draw the latency chart of this results file again, next to it
+    /// (`X.json` → `X-latency.png`).
+    #[arg(long, value_name = "JSON", conflicts_with_all = ["quick", "only"])]
+    chart_from: Option<PathBuf>,
 }
 
 /// The rows of the table, in the order.
@@ -165,6 +169,9 @@ async fn interrupted() -> &'static str {
 
 /// Runs the selected rows; exit status 1 when a row failed (the others are still reported).
 async fn run(cli: Cli) -> Result<ExitCode> {
+    if let Some(json) = &cli.chart_from {
+        return redraw_chart(json);
+    }
     let rows: Vec<Row> = if cli.only.is_empty() {
         ROWS.to_vec()
     } else {
@@ -268,15 +275,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     )?;
     println!("results: {}", json_path.display());
     if let (Some(font), Some(series)) = (font, latency_series) {
-        let png = chart::latency_png(
-            font,
-            &series,
-            &format!(
-                "commit → stream / view at a fixed load; {}",
-                machine.cpu_short()
-            ),
-        )?;
-        let png_path = cli.results.join(format!("cdc-bench-{stamp}-latency.png"));
+        let settings = latency::Settings::new(cli.quick);
+        let subtitle = chart::subtitle(settings.rate, settings.secs, &started_at, &machine);
+        let png = chart::latency_png(font, &series, &subtitle)?;
+        let png_path = chart_path(&json_path);
         write_both(&png_path, &cli.results.join("latest-latency.png"), &png)?;
         println!("latency chart: {}", png_path.display());
     }
@@ -285,6 +287,42 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The chart next to a results file: `X.json` → `X-latency.png`.
+fn chart_path(json: &Path) -> PathBuf {
+    let stem = json
+        .file_stem()
+        .map_or("cdc-bench".into(), |s| s.to_string_lossy().into_owned());
+    json.with_file_name(format!("{stem}-latency.png"))
+}
+
+/// `--chart-from`: draws the latency chart of a results file again, next to it.
+fn redraw_chart(json_path: &Path) -> Result<ExitCode> {
+    let font = chart::load_font()?;
+    let text = std::fs::read_to_string(json_path)
+        .with_context(|| format!("reading {}", json_path.display()))?;
+    let results: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a cdc-bench results file", json_path.display()))?;
+    let data = results["rows"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == "latency"))
+        .map(|r| &r["data"])
+        .filter(|d| !d.is_null())
+        .with_context(|| format!("{} has no results of row 2 (latency)", json_path.display()))?;
+    let series: Vec<latency::Series> = serde_json::from_value(data["series"].clone())
+        .context("reading the latency distributions")?;
+    let settings: latency::Settings =
+        serde_json::from_value(data["settings"].clone()).context("reading the latency settings")?;
+    let machine: Machine =
+        serde_json::from_value(results["machine"].clone()).context("reading the machine")?;
+    let started_at = results["started_at"].as_str().unwrap_or("unknown time");
+    let subtitle = chart::subtitle(settings.rate, settings.secs, started_at, &machine);
+    let png = chart::latency_png(font, &series, &subtitle)?;
+    let png_path = chart_path(json_path);
+    std::fs::write(&png_path, png).with_context(|| format!("writing {}", png_path.display()))?;
+    println!("latency chart: {}", png_path.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Writes `bytes` to `path` and to `latest`.

@@ -131,7 +131,7 @@ pub fn ms(v: f64) -> String {
 }
 
 /// The machine a run happened on.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Machine {
     /// CPU model (`/proc/cpuinfo`).
     pub cpu: String,
@@ -184,11 +184,6 @@ impl Machine {
             load_start: load_average(),
             load_end: [0.0; 3],
         }
-    }
-
-    /// `2 × <CPU model>`.
-    pub fn cpu_short(&self) -> String {
-        format!("{} × {}", self.cpus, self.cpu)
     }
 
     /// One line for the report's header.
