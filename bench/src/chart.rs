@@ -60,6 +60,9 @@ pub fn latency_png(_font: Font, series: &[Series], subtitle: &str) -> Result<Vec
     let mut encoder = png::Encoder::new(&mut png, WIDTH, HEIGHT);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
+    // A chart is mostly flat colour: the strongest settings keep the file small.
+    encoder.set_compression(png::Compression::Best);
+    encoder.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
     encoder
         .write_header()
         .and_then(|mut w| w.write_image_data(&pixels))

@@ -189,7 +189,7 @@ impl Machine {
     /// One line for the report's header.
     pub fn summary(&self) -> String {
         format!(
-            "{} × {} ({:.0} GiB), {}; {}; nats-server {}; load average {:.2} at the start, {:.2} at the end",
+            "{} × {} ({:.0} GiB), {}; {}; {}; load average {:.2} at the start, {:.2} at the end",
             self.cpus,
             self.cpu,
             self.memory_gib,
