@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark in one command (see README.md, "Benchmarks"):
 #
-#   ./scripts/bench.sh                      # every row, about 5 minutes once built
+#   ./scripts/bench.sh                      # every row, about 3 minutes once built
 #   ./scripts/bench.sh --quick              # smaller backlogs, shorter phases: checks it works
 #   ./scripts/bench.sh --only 2,read        # some rows: 1 throughput, 2 latency, 3 snapshot,
 #                                           #   4 apply, 5 read, 6 memory
