@@ -1,11 +1,8 @@
-//! Apply benchmark: pre-fills a private JetStream stream with ≥ 500k change events, then measures
-//! in the same run (1) the raw ordered-consumer rate of that stream, (2) the agent's apply rate
-//! into sled (read, decode, fold, atomic batches + position) from the same stream, and (3) the
-//! store alone applying the same transactions already decoded (no NATS): the two ceilings of
-//! (2). For (1) and (2) it prints the CPU time per event of this process and of nats-server,
-//! which on a small machine shows where the cores go.
-//!
-//! `cargo run --release -p consumers --example bench_apply [-- EVENTS]`
+//! Row 4, apply: a private stream pre-filled with change events, then in the same run (1) the
+//! raw ordered-consumer rate of that stream (ceiling 1), (2) the agent's follow loop applying it
+//! into sled (read, decode, fold, atomic batches + position; in this process, the library the
+//! `view-agent` binary runs), and (3) the store alone applying the same transactions already
+//! decoded, without NATS (ceiling 2).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,14 +17,35 @@ use cdc::envelope::{
 use cdc::Lsn;
 use consumers::config::{ApplyConfig, NatsConfig, ViewConfig};
 use consumers::{SourceTransaction, ViewStore};
-use futures::StreamExt;
+use futures::StreamExt as _;
+use serde::Serialize;
 use serde_json::json;
 
-/// The allocator of the `view-agent` binary.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use crate::pipeline::{self, CpuMeter};
+use crate::report::{self, Line, RowReport, Target};
 
+/// Target: events/s applied.
+const TARGET_EVENTS_PER_SEC: f64 = 100_000.0;
+/// Events per source transaction.
 const TX_SIZE: u64 = 5;
+/// Distinct sellers the events spread over.
+const SELLERS: u64 = 100_000;
+
+/// The numbers of one run.
+#[derive(Debug, Serialize)]
+struct Outcome {
+    events: u64,
+    events_per_tx: u64,
+    json_bytes: usize,
+    fill_secs: f64,
+    raw_consume_secs: f64,
+    raw_consume_cpu_us_per_event: f64,
+    raw_consume_nats_cpu_us_per_event: f64,
+    apply_secs: f64,
+    apply_cpu_us_per_event: f64,
+    apply_nats_cpu_us_per_event: f64,
+    store_alone_secs: f64,
+}
 
 fn view() -> ViewConfig {
     ViewConfig {
@@ -40,11 +58,12 @@ fn view() -> ViewConfig {
     }
 }
 
+/// The `i`th event: 5 per transaction, random sellers, 10% updates.
 fn event(i: u64) -> ChangeEvent {
     let tx = i / TX_SIZE;
     let ord = i % TX_SIZE + 1;
     let commit = Lsn(0x1_0000 + tx * 0x100);
-    let seller = (i * 7919) % 100_000;
+    let seller = (i * 7919) % SELLERS;
     let after = json!({"seller_id": seller, "client_id": i % 1000, "name": format!("client {i}"),
                        "logo_url": "https://example.com/logo.png", "position": ord});
     ChangeEvent {
@@ -72,79 +91,29 @@ fn event(i: u64) -> ChangeEvent {
     }
 }
 
-/// CPU time (user + system) of a process so far.
-fn cpu_of(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
-
-/// The nats-server started by this process.
-fn nats_pid() -> Option<u32> {
-    let me = std::process::id().to_string();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let (name, rest) = stat.split_once(") ")?;
-        let ppid = rest.split_whitespace().nth(1)?;
-        (name.ends_with("nats-server") && ppid == me).then_some(pid)
-    })
-}
-
-/// CPU per event (µs) of this process and of nats-server over a phase.
-struct CpuMeter {
-    nats: Option<u32>,
-    start: (Duration, Duration),
-}
-
-impl CpuMeter {
-    fn start(nats: Option<u32>) -> CpuMeter {
-        let now = (
-            cpu_of(std::process::id()),
-            nats.map_or(Duration::ZERO, cpu_of),
-        );
-        CpuMeter { nats, start: now }
-    }
-    fn per_event(&self, n: u64) -> (f64, f64) {
-        let me = cpu_of(std::process::id()).saturating_sub(self.start.0);
-        let nats = self
-            .nats
-            .map_or(Duration::ZERO, cpu_of)
-            .saturating_sub(self.start.1);
-        let us = |d: Duration| d.as_micros() as f64 / n.max(1) as f64;
-        (us(me), us(nats))
-    }
-}
-
-#[tokio::main]
-async fn main() -> Result<()> {
-    let events: u64 = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(500_000);
+/// Runs row 4 on `events` events.
+pub async fn run(events: u64) -> Result<RowReport> {
     let nats = testkit::Nats::start().await?;
+    let nats_pid = pipeline::pid_of(&nats)?;
+    let me = std::process::id();
     let client = async_nats::connect(nats.url()).await?;
     let js = jetstream::new(client.clone());
     js.create_stream(stream::Config {
-        name: "CDC".into(),
+        name: pipeline::STREAM.into(),
         subjects: vec!["cdc.>".into()],
         ..Default::default()
     })
     .await?;
 
     // Pre-fill with a bounded window of in-flight publishes.
+    eprintln!("  pre-filling a stream with {events} events …");
     let t = Instant::now();
     let mut inflight = std::collections::VecDeque::new();
-    let mut bytes = 0usize;
+    let mut json_bytes = 0usize;
     for i in 0..events {
         let ev = event(i);
         let body = serde_json::to_vec(&ev)?;
-        bytes += body.len();
+        json_bytes += body.len();
         let mut h = HeaderMap::new();
         h.insert(HEADER_MSG_ID, ev.msg_id().as_str());
         h.insert(HEADER_OP, ev.op.code());
@@ -164,17 +133,12 @@ async fn main() -> Result<()> {
     for a in inflight {
         last_seq = a.await?.sequence;
     }
-    let fill = t.elapsed();
-    println!(
-        "pre-filled {events} events ({:.0} MB of JSON) in {:.1?}",
-        bytes as f64 / 1e6,
-        fill
-    );
+    let fill_secs = t.elapsed().as_secs_f64();
 
     // (1) Raw consume: ordered consumer, no decoding.
-    let nats_pid = nats_pid();
-    let stream = js.get_stream("CDC").await?;
-    let cpu = CpuMeter::start(nats_pid);
+    eprintln!("  raw ordered consumer …");
+    let stream = js.get_stream(pipeline::STREAM).await?;
+    let cpu = CpuMeter::start(&[me, nats_pid]);
     let t = Instant::now();
     let mut msgs = stream
         .create_consumer(OrderedConfig {
@@ -184,54 +148,56 @@ async fn main() -> Result<()> {
         .await?
         .messages()
         .await?;
-    let mut n = 0u64;
+    let mut consumed = 0u64;
     while let Some(m) = msgs.next().await {
         let m = m?;
-        n += 1;
+        consumed += 1;
         if m.info().map(|i| i.stream_sequence).unwrap_or(0) >= last_seq {
             break;
         }
     }
-    let raw = t.elapsed();
-    let raw_cpu = cpu.per_event(n);
+    let raw_consume_secs = t.elapsed().as_secs_f64();
+    let raw_cpu = cpu.used();
     drop(msgs);
 
     // (2) Apply into sled through the agent's follow loop.
+    eprintln!("  view-agent apply …");
     let dir = tempfile::tempdir()?;
     let store = Arc::new(ViewStore::open_at(dir.path(), &[view()])?);
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let cpu = CpuMeter::start(nats_pid);
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let cpu = CpuMeter::start(&[me, nats_pid]);
     let t = Instant::now();
     let nats_config = NatsConfig {
         url: nats.url(),
-        stream: "CDC".into(),
+        stream: pipeline::STREAM.into(),
         subject_prefix: "cdc".into(),
     };
-    let client = consumers::follow::connect(&nats_config)
+    let follow_client = consumers::follow::connect(&nats_config)
         .await
         .map_err(anyhow::Error::msg)?;
     let task = tokio::spawn(consumers::follow::follow(
         store.clone(),
-        client,
+        follow_client,
         nats_config,
         ApplyConfig::default(),
-        rx,
+        stop_rx,
     ));
     let mut progress = store.subscribe();
     tokio::time::timeout(
-        Duration::from_secs(600),
+        Duration::from_secs(900),
         progress.wait_for(|p| p.applied_seq >= last_seq),
     )
     .await??;
-    let apply = t.elapsed();
-    let apply_cpu = cpu.per_event(events);
-    let _ = tx.send(true);
+    let apply_secs = t.elapsed().as_secs_f64();
+    let apply_cpu = cpu.used();
+    let _ = stop.send(true);
     task.await??;
     store.flush()?;
     drop(store);
 
     // (3) The store alone: the same transactions, decoded beforehand, applied in batches of
     // the agent's default size.
+    eprintln!("  store alone …");
     let dir = tempfile::tempdir()?;
     let store = ViewStore::open_at(dir.path(), &[view()])?;
     let batch = ApplyConfig::default().max_batch_events as u64;
@@ -258,34 +224,58 @@ async fn main() -> Result<()> {
         applied = end;
     }
 
-    let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
-    println!();
-    println!(
-        "| measurement (same stream, {events} events, {TX_SIZE}/tx) | events/s | time | CPU/event: this process | nats-server |"
-    );
-    println!("|---|---:|---:|---:|---:|");
-    println!(
-        "| raw JetStream ordered consumer (ceiling 1) | {:.0} | {:.2?} | {:.1} µs | {:.1} µs |",
-        rate(n, raw),
-        raw,
-        raw_cpu.0,
-        raw_cpu.1
-    );
-    println!(
-        "| store alone: the same transactions, pre-decoded, into sled (ceiling 2) | {:.0} | {:.2?} | | |",
-        rate(events, store_alone),
-        store_alone
-    );
-    println!(
-        "| view-agent apply: stream → decode → fold → atomic sled batches + position | {:.0} | {:.2?} | {:.1} µs | {:.1} µs |",
-        rate(events, apply),
-        apply,
-        apply_cpu.0,
-        apply_cpu.1
-    );
-    println!(
-        "| apply / raw consume | {:.0}% | | | |",
-        100.0 * rate(events, apply) / rate(n, raw)
-    );
-    Ok(())
+    let outcome = Outcome {
+        events,
+        events_per_tx: TX_SIZE,
+        json_bytes,
+        fill_secs,
+        raw_consume_secs,
+        raw_consume_cpu_us_per_event: report::micros_per(raw_cpu[0], consumed),
+        raw_consume_nats_cpu_us_per_event: report::micros_per(raw_cpu[1], consumed),
+        apply_secs,
+        apply_cpu_us_per_event: report::micros_per(apply_cpu[0], events),
+        apply_nats_cpu_us_per_event: report::micros_per(apply_cpu[1], events),
+        store_alone_secs: store_alone.as_secs_f64(),
+    };
+    Ok(RowReport {
+        name: "apply",
+        lines: vec![line(&outcome)],
+        data: serde_json::to_value(&outcome)?,
+        machine_busy_percent: 0.0,
+    })
+}
+
+fn line(o: &Outcome) -> Line {
+    let per_sec = |secs: f64| o.events as f64 / secs;
+    let apply = per_sec(o.apply_secs);
+    let raw = per_sec(o.raw_consume_secs);
+    let alone = per_sec(o.store_alone_secs);
+    Line {
+        row: 4,
+        measurement: format!(
+            "Apply: {} events ({} per tx) from a pre-filled stream into sled (agent's follow loop in-process: decode, fold, atomic batches + position)",
+            report::thousands(o.events),
+            o.events_per_tx
+        ),
+        result: format!(
+            "**{} events/s** ({:.2} s); CPU per event: agent {:.1} µs, nats-server {:.1} µs",
+            report::rate(apply),
+            o.apply_secs,
+            o.apply_cpu_us_per_event,
+            o.apply_nats_cpu_us_per_event
+        ),
+        beside: format!(
+            "raw ordered consumer {}/s (apply = {}; CPU {:.1} + {:.1} µs); store alone, pre-decoded, no NATS {}/s ({})",
+            report::rate(raw),
+            report::percent(apply, raw),
+            o.raw_consume_cpu_us_per_event,
+            o.raw_consume_nats_cpu_us_per_event,
+            report::rate(alone),
+            report::percent(apply, alone),
+        ),
+        targets: vec![Target::new(
+            format!("≥ {} events/s", report::rate(TARGET_EVENTS_PER_SEC)),
+            apply >= TARGET_EVENTS_PER_SEC,
+        )],
+    }
 }

@@ -1,0 +1,174 @@
+//! Row 6, memory: peak resident memory (`VmHWM`) of the `cdc` reader and of a `view-agent`
+//! while one transaction of many rows flows through both, beside their resident memory before
+//! it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+use testkit::{Nats, Postgres};
+
+use crate::pipeline::{self, AgentView, Binaries};
+use crate::report::{self, Line, RowReport, Target};
+
+/// Target: peak RSS of each process, MB (10^6 bytes).
+const TARGET_MB: f64 = 100.0;
+
+/// The numbers of one run.
+#[derive(Debug, Serialize)]
+struct Outcome {
+    rows: u64,
+    insert_secs: f64,
+    /// Commit → the last event in the stream.
+    reader_secs: f64,
+    /// Commit → the transaction visible in the view.
+    agent_secs: f64,
+    reader_rss_before_kib: u64,
+    reader_peak_kib: u64,
+    agent_rss_before_kib: u64,
+    agent_peak_kib: u64,
+}
+
+/// Runs row 6 with one transaction of `rows` rows.
+pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
+    let pg = Postgres::start().await?;
+    let nats = Nats::start().await?;
+    let db = pg.create_database("memory").await?;
+    let sql = pg.connect(&db).await?;
+    sql.batch_execute(
+        "CREATE TABLE big (id bigint PRIMARY KEY, seller_id int NOT NULL, name text NOT NULL,
+                           logo_url text, position int NOT NULL, updated_at timestamptz NOT NULL)",
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let reader_config = pipeline::write_reader_config(
+        dir.path(),
+        &pg.url(&db),
+        &nats.url(),
+        "big",
+        "initial = false",
+    )?;
+    let mut reader = bins.spawn_reader(&reader_config)?;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    // The reader is streaming once it has created the stream.
+    testkit::until(Duration::from_secs(60), "the reader's stream", || async {
+        js.get_stream(pipeline::STREAM).await.ok()
+    })
+    .await
+    .with_context(|| reader.describe())?;
+    let port = testkit::free_port();
+    let agent_config = pipeline::write_agent_config(
+        dir.path(),
+        "memory",
+        &nats.url(),
+        port,
+        &AgentView {
+            name: "big_by_id",
+            table: "big",
+            key: &["id"],
+            primary_key: &["id"],
+            columns: &["seller_id", "name", "position"],
+            column_types: &[("id", "int8"), ("seller_id", "int4"), ("position", "int4")],
+        },
+        "",
+    )?;
+    let mut agent = bins.spawn_agent(&agent_config, "view-agent").await?;
+    let reader_rss_before_kib = reader.rss_kib().unwrap_or_default();
+    let agent_rss_before_kib = agent.rss_kib().unwrap_or_default();
+
+    eprintln!("  one transaction of {rows} rows …");
+    let t = Instant::now();
+    sql.batch_execute(&format!(
+        "INSERT INTO big SELECT g, (g % 1000)::int, 'client ' || g, 'https://cdn.example/' || g || '.png',
+                                (g % 10)::int, now() FROM generate_series(1, {rows}) g"
+    ))
+    .await?;
+    let insert_secs = t.elapsed().as_secs_f64();
+    let committed = Instant::now();
+    let reader_secs = pipeline::seconds_until_count(
+        &js,
+        "cdc.public.big",
+        rows - 1,
+        committed,
+        Duration::from_secs(1800),
+        &mut reader,
+    )
+    .await?;
+    let view = pipeline::connect(&pipeline::agent_conn(port)).await?;
+    let probe = view
+        .prepare("SELECT seller_id FROM big_by_id WHERE id = $1")
+        .await?;
+    let last = rows as i64;
+    // The transaction applies atomically: its last row visible means all of it is.
+    let agent_secs = loop {
+        if view.query_opt(&probe, &[&last]).await?.is_some() {
+            break committed.elapsed().as_secs_f64();
+        }
+        anyhow::ensure!(
+            agent.is_running(),
+            "the view-agent exited while applying\n{}",
+            agent.describe()
+        );
+        anyhow::ensure!(
+            committed.elapsed() < Duration::from_secs(1800),
+            "the view-agent did not apply the transaction within 30 min\n{}",
+            agent.describe()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let reader_peak_kib = reader
+        .peak_rss_kib()
+        .context("reading the reader's VmHWM")?;
+    let agent_peak_kib = agent.peak_rss_kib().context("reading the agent's VmHWM")?;
+    pipeline::stop(&mut agent).await?;
+    pipeline::stop(&mut reader).await?;
+
+    let outcome = Outcome {
+        rows,
+        insert_secs,
+        reader_secs,
+        agent_secs,
+        reader_rss_before_kib,
+        reader_peak_kib,
+        agent_rss_before_kib,
+        agent_peak_kib,
+    };
+    let mb = |kib: u64| kib as f64 * 1024.0 / 1e6;
+    let line = |who: &str, peak: u64, before: u64, secs: f64, what: &str| Line {
+        row: 6,
+        measurement: format!(
+            "Memory: peak RSS (VmHWM) of the {who} while one transaction of {} rows flows through",
+            report::thousands(rows)
+        ),
+        result: format!("**{:.0} MB**", mb(peak)),
+        beside: format!(
+            "{:.0} MB before the transaction; {what} {secs:.1} s after its commit",
+            mb(before)
+        ),
+        targets: vec![Target::new(
+            format!("≤ {TARGET_MB:.0} MB"),
+            mb(peak) <= TARGET_MB,
+        )],
+    };
+    Ok(RowReport {
+        name: "memory",
+        lines: vec![
+            line(
+                "`cdc` reader",
+                reader_peak_kib,
+                reader_rss_before_kib,
+                reader_secs,
+                "all of it in the stream",
+            ),
+            line(
+                "`view-agent`",
+                agent_peak_kib,
+                agent_rss_before_kib,
+                agent_secs,
+                "all of it visible in the view",
+            ),
+        ],
+        data: serde_json::to_value(&outcome)?,
+        machine_busy_percent: 0.0,
+    })
+}

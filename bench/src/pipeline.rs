@@ -1,0 +1,332 @@
+//! The pieces of the pipeline every row starts: the `cdc` and `view-agent` binaries found next
+//! to this one, their config files, and the waits and meters the rows share.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use futures::StreamExt as _;
+use testkit::ChildProcess;
+
+/// Subject prefix and stream name the rows use (the reader's defaults).
+pub const STREAM: &str = "CDC";
+
+/// The release binaries under test, found in the directory of `cdc-bench` itself.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// The reader.
+    pub cdc: PathBuf,
+    /// The view agent.
+    pub view_agent: PathBuf,
+}
+
+impl Binaries {
+    /// Finds `cdc` and `view-agent` next to the running executable; a missing one is an error
+    /// that says how to build it.
+    pub fn next_to_me() -> Result<Binaries> {
+        let exe = std::env::current_exe().context("locating cdc-bench itself")?;
+        let dir = exe
+            .parent()
+            .context("cdc-bench has no parent directory")?
+            .to_path_buf();
+        let find = |name: &str| -> Result<PathBuf> {
+            let bin = dir.join(name);
+            anyhow::ensure!(
+                bin.exists(),
+                "{} is missing: build it with `cargo build --release --locked -p cdc -p consumers -p cdc-bench --bins` (scripts/bench.sh does)",
+                bin.display()
+            );
+            Ok(bin)
+        };
+        Ok(Binaries {
+            cdc: find("cdc")?,
+            view_agent: find("view-agent")?,
+        })
+    }
+
+    /// Starts `cdc run --config <config>` (logs at `warn`).
+    pub fn spawn_reader(&self, config: &Path) -> Result<ChildProcess> {
+        let mut cmd = Command::new(&self.cdc);
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn");
+        testkit::spawn_logged(cmd, "cdc")
+    }
+
+    /// Starts `view-agent run --config <config>` and waits until it answers queries.
+    pub async fn spawn_agent(&self, config: &Path, name: &str) -> Result<ChildProcess> {
+        let mut cmd = Command::new(&self.view_agent);
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn");
+        let mut agent = testkit::spawn_logged(cmd, name)?;
+        agent
+            .wait_for_output("view-agent ready", Duration::from_secs(60))
+            .await?;
+        Ok(agent)
+    }
+}
+
+/// Writes a reader config for one table `public.<table>` into `dir`; returns its path.
+pub fn write_reader_config(
+    dir: &Path,
+    pg_url: &str,
+    nats_url: &str,
+    table: &str,
+    snapshot: &str,
+) -> Result<PathBuf> {
+    let path = dir.join("cdc.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[postgres]\nurl = {pg_url:?}\nslot = \"cdc_slot\"\npublication = \"cdc_pub\"\ntables = [\"public.{table}\"]\n\n\
+             [nats]\nurl = {nats_url:?}\nstream = \"{STREAM}\"\n\n[snapshot]\n{snapshot}\n"
+        ),
+    )
+    .context("writing cdc.toml")?;
+    Ok(path)
+}
+
+/// A view of `public.<table>` served by a `view-agent`.
+#[derive(Debug, Clone)]
+pub struct AgentView<'a> {
+    /// View name.
+    pub name: &'a str,
+    /// Source table in `public`.
+    pub table: &'a str,
+    /// Lookup key columns.
+    pub key: &'a [&'a str],
+    /// Source primary key.
+    pub primary_key: &'a [&'a str],
+    /// Projected columns.
+    pub columns: &'a [&'a str],
+    /// `column = "type"` pairs for pgwire.
+    pub column_types: &'a [(&'a str, &'a str)],
+}
+
+/// Writes an agent config into `dir/<name>.toml` with its store in `dir/<name>`; returns its
+/// path. `extra` is appended at the top level (e.g. a `[store]` table).
+pub fn write_agent_config(
+    dir: &Path,
+    name: &str,
+    nats_url: &str,
+    pgwire_port: u16,
+    view: &AgentView<'_>,
+    extra: &str,
+) -> Result<PathBuf> {
+    let list = |items: &[&str]| {
+        items
+            .iter()
+            .map(|c| format!("{c:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let types = view
+        .column_types
+        .iter()
+        .map(|(c, t)| format!("{c} = {t:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name = {name:?}\ndata_dir = {data:?}\n{extra}\n[nats]\nurl = {nats_url:?}\nstream = \"{STREAM}\"\n\n\
+             [pgwire]\nlisten = \"127.0.0.1:{pgwire_port}\"\n\n\
+             [[views]]\nname = {view_name:?}\nsource = \"public.{table}\"\nkey = [{key}]\nprimary_key = [{pk}]\n\
+             columns = [{columns}]\ncolumn_types = {{ {types} }}\n",
+            data = dir.join(name).display().to_string(),
+            view_name = view.name,
+            table = view.table,
+            key = list(view.key),
+            pk = list(view.primary_key),
+            columns = list(view.columns),
+        ),
+    )
+    .context("writing the agent config")?;
+    Ok(path)
+}
+
+/// A tokio-postgres connection (no TLS) whose connection task runs in the background.
+pub async fn connect(conn: &str) -> Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to {conn}"))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// The libpq connection string of a `view-agent`'s pgwire port.
+pub fn agent_conn(port: u16) -> String {
+    format!("host=127.0.0.1 port={port} user=bench dbname=views")
+}
+
+/// Waits until the stream holds more than `more_than` messages on `subject`; returns the
+/// seconds since `started`. Fails with the reader's output after `timeout` or when the reader
+/// exits.
+pub async fn seconds_until_count(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    more_than: u64,
+    started: Instant,
+    timeout: Duration,
+    reader: &mut ChildProcess,
+) -> Result<f64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(n) = subject_count(js, subject).await {
+            if n > more_than {
+                return Ok(started.elapsed().as_secs_f64());
+            }
+        }
+        if !reader.is_running() {
+            anyhow::bail!("the reader exited early\n{}", reader.describe());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "timed out after {timeout:?} waiting for {more_than} messages on {subject}\n{}",
+                reader.describe()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Messages stored on `subject` in the stream, `None` while the stream does not exist.
+pub async fn subject_count(js: &async_nats::jetstream::Context, subject: &str) -> Option<u64> {
+    let stream = js.get_stream(STREAM).await.ok()?;
+    let mut counts = stream.info_with_subjects(subject.to_string()).await.ok()?;
+    let mut n = 0u64;
+    while let Some(Ok((subj, count))) = counts.next().await {
+        if subj == subject {
+            n = count as u64;
+        }
+    }
+    Some(n)
+}
+
+/// CPU time of a set of processes over a phase of the benchmark.
+#[derive(Debug)]
+pub struct CpuMeter {
+    pids: Vec<u32>,
+    start: Vec<Duration>,
+}
+
+impl CpuMeter {
+    /// Starts measuring the CPU time of `pids` (a gone process counts zero).
+    pub fn start(pids: &[u32]) -> CpuMeter {
+        CpuMeter {
+            pids: pids.to_vec(),
+            start: pids.iter().map(|&p| cpu_of(p)).collect(),
+        }
+    }
+
+    /// CPU time each process used since [`CpuMeter::start`], in the order given.
+    pub fn used(&self) -> Vec<Duration> {
+        self.pids
+            .iter()
+            .zip(&self.start)
+            .map(|(&p, &s)| cpu_of(p).saturating_sub(s))
+            .collect()
+    }
+}
+
+/// CPU time of a process so far (zero once it is gone).
+pub fn cpu_of(pid: u32) -> Duration {
+    testkit::cpu_time(pid).unwrap_or_default()
+}
+
+/// The pid of a server that must be running.
+pub fn pid_of(nats: &testkit::Nats) -> Result<u32> {
+    nats.pid().context("nats-server is not running")
+}
+
+/// Stops a child with SIGTERM and waits for it (bounded).
+pub async fn stop(child: &mut ChildProcess) -> Result<()> {
+    if child.is_running() {
+        child.signal(testkit::Signal::Term)?;
+        child.wait_with_timeout(Duration::from_secs(15)).await?;
+    }
+    Ok(())
+}
+
+/// How busy the whole machine's CPUs were over a phase (every process, this benchmark's and
+/// its neighbours'), from `/proc/stat`.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineMeter {
+    start: (u64, u64),
+}
+
+impl MachineMeter {
+    /// Starts measuring.
+    pub fn start() -> MachineMeter {
+        MachineMeter { start: cpu_ticks() }
+    }
+
+    /// Percent of the machine's CPU time that was busy since [`MachineMeter::start`] (100 = every
+    /// CPU busy all the time).
+    pub fn busy_percent(&self) -> f64 {
+        let (busy, total) = cpu_ticks();
+        let (busy, total) = (busy - self.start.0, total - self.start.1);
+        if total == 0 {
+            0.0
+        } else {
+            100.0 * busy as f64 / total as f64
+        }
+    }
+}
+
+/// `(busy, total)` clock ticks of all CPUs since boot.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    (busy, busy + at(3) + at(4))
+}
+
+/// `(ppid, utime + stime + cutime + cstime)` of a process, in clock ticks.
+fn ticks_of(pid: u32) -> Option<(u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the parenthesised command: state, ppid, …; utime, stime, cutime, cstime are fields
+    // 14–17 of the whole line.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ppid = fields.get(1)?.parse().ok()?;
+    let sum = fields
+        .get(11..15)?
+        .iter()
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    Some((ppid, sum))
+}
+
+/// CPU time of a process so far, with that of its children: those it has waited for, and its
+/// live children (a Postgres postmaster's backends).
+pub fn tree_cpu(pid: u32) -> Duration {
+    Duration::from_millis(ticks_of(pid).map_or(0, |(_, t)| t) * 10) + children_cpu(pid)
+}
+
+/// CPU time of the live children of a process (and of their waited-for children).
+pub fn children_cpu(parent: u32) -> Duration {
+    let ticks: u64 = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|pid| ticks_of(pid).and_then(|(ppid, t)| (ppid == parent).then_some(t)))
+                .sum()
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
