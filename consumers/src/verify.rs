@@ -10,8 +10,9 @@
 //! are then the source as of L, except for a transaction that committed around the moment the
 //! snapshot was taken (its commit record can precede L while it is not yet visible to the
 //! snapshot). So every difference of the first pass is checked by a second pass at a new
-//! point: only keys that differ in both are reported (and repaired). A key that differs in one
-//! pass only is counted as transient.
+//! point: only keys that differ in both, with the same view row and the same source row, are
+//! reported (and repaired). A key that differs in one pass only, or differently in each (a row
+//! that changed in between), is counted as transient.
 //!
 //! # Repair
 //! The second pass keeps the fence until the repair is written: the views stay exactly at the
@@ -76,7 +77,7 @@ pub enum DiffKind {
 }
 
 /// One differing row, by source primary key.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Diff {
     /// What differs.
     pub kind: DiffKind,
@@ -374,11 +375,19 @@ async fn pass(
     let work = async {
         sql.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await?;
-        // The transaction's snapshot is taken by its first statement: this one.
-        let lsn: String = sql
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        // The transaction's snapshot is taken by its first statement: this one. The simple
+        // protocol takes it and reads the LSN in one go; the extended protocol would take it
+        // at Parse and read the LSN only at Execute, a round trip later, and transactions
+        // committed in between would be applied by the agent but invisible to the snapshot.
+        let lsn = sql
+            .simple_query("SELECT pg_current_wal_lsn()::text")
             .await?
-            .get(0);
+            .into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap_or_default();
         let lsn: Lsn = lsn
             .parse()
             .map_err(|_| VerifyError::Source(format!("pg_current_wal_lsn() gave {lsn:?}")))?;
@@ -471,7 +480,9 @@ pub async fn verify(
         let (one, two) = (&first.diffs[i], &second.diffs[i]);
         let confirmed: BTreeMap<String, Diff> = two
             .iter()
-            .filter(|(k, d)| one.get(*k).is_some_and(|o| o.kind == d.kind))
+            // The same discrepancy in both passes: a row that changed in between (a racing
+            // transaction shows up as a different pair of rows each time) is transient.
+            .filter(|(k, d)| one.get(*k) == Some(*d))
             .map(|(k, d)| (k.clone(), d.clone()))
             .collect();
         let seen: BTreeSet<&String> = one.keys().chain(two.keys()).collect();
