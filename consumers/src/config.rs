@@ -25,6 +25,10 @@ pub const DEFAULT_MIN_LSN_TIMEOUT_MS: u64 = 5_000;
 /// Default cap on the events gathered into one sled batch (several whole source transactions
 /// may share a batch when they are already waiting in the stream; a transaction is never split).
 pub const DEFAULT_MAX_BATCH_EVENTS: usize = 4_096;
+/// Default `apply.max_tx_events_in_memory`.
+pub const DEFAULT_MAX_TX_EVENTS_IN_MEMORY: usize = 1_024;
+/// Default `store.cache_mb`.
+pub const DEFAULT_STORE_CACHE_MB: u64 = 16;
 /// Default cap on rows one query may return.
 pub const DEFAULT_MAX_RESULT_ROWS: usize = 100_000;
 /// Default `store.read_cache_rows`.
@@ -154,12 +158,18 @@ pub struct ApplyConfig {
     /// Cap on events per sled batch (whole transactions only; a larger transaction is one batch).
     #[serde(default = "default_max_batch_events")]
     pub max_batch_events: usize,
+    /// A source transaction with more events than this is applied in parts of this size into a
+    /// staging area and made visible at once when its last part is in (memory stays bounded
+    /// whatever the transaction's size; see the store's "Large transactions").
+    #[serde(default = "default_max_tx_events_in_memory")]
+    pub max_tx_events_in_memory: usize,
 }
 
 impl Default for ApplyConfig {
     fn default() -> Self {
         ApplyConfig {
             max_batch_events: default_max_batch_events(),
+            max_tx_events_in_memory: default_max_tx_events_in_memory(),
         }
     }
 }
@@ -173,12 +183,16 @@ pub struct StoreConfig {
     /// consistent as sled reads.
     #[serde(default = "default_read_cache_rows")]
     pub read_cache_rows: usize,
+    /// sled's page cache, in MB (10^6 bytes): the most of the store kept in memory.
+    #[serde(default = "default_store_cache_mb")]
+    pub cache_mb: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             read_cache_rows: default_read_cache_rows(),
+            cache_mb: default_store_cache_mb(),
         }
     }
 }
@@ -240,6 +254,12 @@ fn default_read_cache_rows() -> usize {
 }
 fn default_max_batch_events() -> usize {
     DEFAULT_MAX_BATCH_EVENTS
+}
+fn default_max_tx_events_in_memory() -> usize {
+    DEFAULT_MAX_TX_EVENTS_IN_MEMORY
+}
+fn default_store_cache_mb() -> u64 {
+    DEFAULT_STORE_CACHE_MB
 }
 
 /// Types a view column may declare, by the names accepted in `column_types`.
@@ -343,6 +363,12 @@ impl AgentConfig {
         }
         if self.apply.max_batch_events == 0 {
             return bad("apply.max_batch_events must be at least 1".into());
+        }
+        if self.apply.max_tx_events_in_memory == 0 {
+            return bad("apply.max_tx_events_in_memory must be at least 1".into());
+        }
+        if self.store.cache_mb == 0 {
+            return bad("store.cache_mb must be at least 1".into());
         }
         if self.views.is_empty() {
             return bad("no [[views]] configured; add at least one".into());

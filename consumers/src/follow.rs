@@ -5,7 +5,10 @@
 //! Two stages run in parallel: this task reads and decodes messages and gathers whole source
 //! transactions; an applier thread prepares and writes the sled batches (several waiting
 //! transactions, and the heartbeats between them, go into one atomic batch). The queue between
-//! them is bounded, so the reader runs at most a few batches ahead.
+//! them is bounded, so the reader runs at most a few batches ahead. A transaction larger than
+//! `apply.max_tx_events_in_memory` is handed over in parts of that size, which the applier
+//! stages and makes visible at once with the last part, so memory stays bounded whatever a
+//! transaction's size.
 //!
 //! Why an ordered (ephemeral) consumer: the agent's position lives in sled, in the same batch as
 //! the rows, so the server-side state of a durable consumer would be a second position that can
@@ -32,7 +35,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::config::{ApplyConfig, NatsConfig};
-use crate::store::{SourceTransaction, StoreError, ViewStore, HISTORY_GAP_PREFIX};
+use crate::store::{SourceTransaction, StagedTx, StoreError, ViewStore, HISTORY_GAP_PREFIX};
 
 /// How often the stream's last sequence is refreshed for `cdc_status`.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -153,12 +156,20 @@ enum Work {
     Txs(Vec<SourceTransaction>),
     /// A heartbeat `(seq, lsn)` read with every message before it handed over.
     Heartbeat(u64, cdc::Lsn),
+    /// A part of a large transaction, staged until its last part (`first`: the transaction
+    /// starts here; whatever an earlier session staged is discarded).
+    Part {
+        first: bool,
+        events: Vec<ChangeEvent>,
+    },
+    /// The last part of a large transaction: staged, then the whole transaction made visible.
+    LastPart(SourceTransaction),
     /// Answered once everything before it is applied.
     Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
 /// The applier thread: takes everything queued (up to a batch size), applies it as one atomic
-/// sled batch, repeats.
+/// sled batch, repeats. Parts of a large transaction are staged in order between batches.
 struct Applier {
     tx: Option<tokio::sync::mpsc::Sender<Work>>,
     thread: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
@@ -170,12 +181,19 @@ impl Applier {
         let body = move || -> Result<(), StoreError> {
             let mut txs: Vec<SourceTransaction> = Vec::new();
             let mut barriers = Vec::new();
+            let mut staged: Option<StagedTx> = None;
             while let Some(first) = rx.blocking_recv() {
                 let mut events = 0;
                 let mut heartbeat = None;
+                let mut large = None;
                 let mut next = Some(first);
                 while let Some(work) = next.take() {
                     match work {
+                        w @ (Work::Part { .. } | Work::LastPart(_)) => {
+                            // What came before it is applied first.
+                            large = Some(w);
+                            break;
+                        }
                         Work::Txs(mut t) => {
                             events += t.iter().map(|t| t.events.len()).sum::<usize>();
                             txs.append(&mut t);
@@ -192,8 +210,36 @@ impl Applier {
                 }
                 // A heartbeat followed by more transactions still holds: the batch applies all
                 // of them atomically.
-                store.apply_group(&txs, heartbeat)?;
+                if large.is_none() || !txs.is_empty() || heartbeat.is_some() {
+                    store.apply_group(&txs, heartbeat)?;
+                }
                 txs.clear();
+                match large {
+                    Some(Work::Part { first, events }) => {
+                        if first || staged.is_none() {
+                            store.discard_staged()?;
+                            staged = Some(StagedTx::default());
+                        }
+                        if let Some(s) = staged.as_mut() {
+                            store.stage(s, &events)?;
+                        }
+                    }
+                    Some(Work::LastPart(tx)) => {
+                        let s = match staged.take() {
+                            Some(s) => s,
+                            None => {
+                                store.discard_staged()?;
+                                StagedTx::default()
+                            }
+                        };
+                        tracing::debug!(
+                            events = s.events() + tx.events.len(),
+                            "applying a large transaction"
+                        );
+                        store.commit_staged(s, &tx.events, tx.last_seq)?;
+                    }
+                    _ => {}
+                }
                 for b in barriers.drain(..) {
                     let _ = b.send(());
                 }
@@ -265,6 +311,8 @@ struct Session<'a> {
     heartbeat_subject: String,
     /// Events of the source transaction being read (not yet complete).
     open_tx: Vec<ChangeEvent>,
+    /// The transaction being read is large: its earlier parts went to the applier already.
+    staging: bool,
     /// Complete transactions waiting for the next batch.
     ready: Vec<SourceTransaction>,
     ready_events: usize,
@@ -292,6 +340,7 @@ impl<'a> Session<'a> {
             apply,
             heartbeat_subject: format!("{}._heartbeat", nats.subject_prefix),
             open_tx: Vec::new(),
+            staging: false,
             ready: Vec::new(),
             ready_events: 0,
             expected_seq: 0,
@@ -462,7 +511,7 @@ impl<'a> Session<'a> {
                     return Ok(());
                 }
             };
-            if self.open_tx.is_empty() {
+            if self.open_tx.is_empty() && !self.staging {
                 self.apply_ready().await?;
                 self.applier.send(Work::Heartbeat(seq, hb.lsn)).await?;
                 self.applied_any = true;
@@ -495,11 +544,27 @@ impl<'a> Session<'a> {
         self.open_tx.push(event);
         if ends {
             let events = std::mem::take(&mut self.open_tx);
-            self.ready_events += events.len();
-            self.ready.push(SourceTransaction {
+            let tx = SourceTransaction {
                 last_seq: seq,
                 events,
-            });
+            };
+            if self.staging {
+                self.staging = false;
+                self.apply_ready().await?;
+                self.applier.send(Work::LastPart(tx)).await?;
+                self.applied_any = true;
+            } else {
+                self.ready_events += tx.events.len();
+                self.ready.push(tx);
+            }
+        } else if self.open_tx.len() >= self.apply.max_tx_events_in_memory {
+            // A large transaction: hand it over in parts (bounded memory), complete
+            // transactions before it first.
+            self.apply_ready().await?;
+            let first = !self.staging;
+            self.staging = true;
+            let events = std::mem::take(&mut self.open_tx);
+            self.applier.send(Work::Part { first, events }).await?;
         }
         Ok(())
     }

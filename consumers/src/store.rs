@@ -29,6 +29,12 @@
 //! range reads (JSON decoding happens after). A query therefore sees either none or all of a
 //! source transaction.
 //!
+//! # Large transactions
+//! A source transaction of more than `apply.max_tx_events_in_memory` events is applied in
+//! parts into a second tree, `staging`, and copied into `views2` under the exclusive gate once
+//! its last part is in: queries wait for the copy and never see a part. A marker makes the copy
+//! crash-safe; see [`staging`].
+//!
 //! # Read cache
 //! Lookups of a whole key (every key column given) are cached in memory: key prefix → the
 //! stored values of its rows, at most `store.read_cache_rows` rows in all. A miss fills the
@@ -61,7 +67,9 @@ use crate::keys;
 use crate::metrics::{Interface, StoreMetrics};
 
 mod fence;
+mod staging;
 pub use fence::{Fence, FenceError};
+pub use staging::StagedTx;
 
 /// Name of the status table over pgwire.
 pub const STATUS_TABLE: &str = "cdc_status";
@@ -541,6 +549,8 @@ pub struct ViewStore {
     opened_at: Lsn,
     db: sled::Db,
     tree: sled::Tree,
+    /// Parts of a large transaction not yet visible (see [`staging`]).
+    staging: sled::Tree,
     path: String,
     views: Vec<View>,
     by_name: HashMap<String, usize>,
@@ -601,7 +611,7 @@ impl ViewStore {
             path: spath.clone(),
             source,
         };
-        let db = open_sled(path).map_err(|source| match source {
+        let db = open_sled(path, options.cache_mb).map_err(|source| match source {
             sled::Error::Io(ref e) if e.to_string().contains("could not acquire lock") => {
                 StoreError::Locked {
                     path: spath.clone(),
@@ -619,6 +629,12 @@ impl ViewStore {
             }
         }
         let tree = db.open_tree(TREE).map_err(sled_err)?;
+        let staging = db.open_tree(staging::TREE).map_err(sled_err)?;
+        // A large transaction interrupted while it was made visible is finished first.
+        staging::recover(&db, &tree, &staging).map_err(|e| match e {
+            PendingError::Sled(source) => sled_err(source),
+            PendingError::Corrupt(m) => StoreError::Corrupt(m),
+        })?;
         drop_leftovers(&tree).map_err(sled_err)?;
         let mut batch = sled::Batch::default();
         // View ids: stable across restarts and config reordering.
@@ -735,6 +751,7 @@ impl ViewStore {
             opened_at: applied_lsn,
             db,
             tree,
+            staging,
             path: spath,
             views,
             by_name,
@@ -757,6 +774,7 @@ impl ViewStore {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         self.tree.clear().map_err(|e| self.sled_err(e))?;
+        self.staging.clear().map_err(|e| self.sled_err(e))?;
         self.cache.clear();
         let mut batch = sled::Batch::default();
         batch.insert(META_SEQ, &from_seq.saturating_sub(1).to_be_bytes());
@@ -930,25 +948,35 @@ impl ViewStore {
             let result = self.apply_admitted(&rest[..admitted], heartbeat.filter(|_| all));
             self.fence.done();
             result?;
-            let m = &self.metrics;
-            m.apply_seconds.observe(started.elapsed());
-            m.batches_applied
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let events: usize = rest[..admitted].iter().map(|t| t.events.len()).sum();
-            m.events_applied
-                .fetch_add(events as u64, std::sync::atomic::Ordering::Relaxed);
-            if let Some(ts) = rest[..admitted]
+            let last_ts = rest[..admitted]
                 .last()
                 .and_then(|t| t.events.last())
-                .map(|e| e.source.ts_ms)
-            {
-                m.last_commit_ms
-                    .store(ts, std::sync::atomic::Ordering::Relaxed);
-            }
+                .map(|e| e.source.ts_ms);
+            self.record_applied(started, events, last_ts);
             if all {
                 return Ok(());
             }
             rest = &rest[admitted..];
+        }
+    }
+
+    /// Counts one applied batch in the metrics.
+    fn record_applied(&self, started: std::time::Instant, events: usize, last_ts: Option<i64>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = &self.metrics;
+        m.apply_seconds.observe(started.elapsed());
+        m.batches_applied.fetch_add(1, Relaxed);
+        m.events_applied.fetch_add(events as u64, Relaxed);
+        if let Some(ts) = last_ts {
+            m.last_commit_ms.store(ts, Relaxed);
+        }
+    }
+
+    fn pending_err(&self, e: PendingError) -> StoreError {
+        match e {
+            PendingError::Sled(s) => self.sled_err(s),
+            PendingError::Corrupt(m) => StoreError::Corrupt(m),
         }
     }
 
@@ -969,6 +997,7 @@ impl ViewStore {
         let new_seq = new_seq.max(before.applied_seq);
         let mut pending = Pending {
             tree: &self.tree,
+            staged: None,
             writes: BTreeMap::new(),
             touched: Vec::new(),
             touched_all: false,
@@ -981,24 +1010,11 @@ impl ViewStore {
             for ev in &tx.events {
                 max_lsn = max_lsn.max(ev.source.commit_lsn);
                 self.apply_event(&mut pending, ev, &mut new_stale, &mut scratch)
-                    .map_err(|e| match e {
-                        PendingError::Sled(s) => self.sled_err(s),
-                        PendingError::Corrupt(m) => StoreError::Corrupt(m),
-                    })?;
+                    .map_err(|e| self.pending_err(e))?;
             }
         }
         let (touched, touched_all) = (pending.touched, pending.touched_all);
-        let mut new_kinds: Vec<(usize, Vec<u8>)> = Vec::new();
-        for (vi, col, bit) in pending.kinds {
-            let p = match new_kinds.iter().position(|(i, _)| *i == vi) {
-                Some(p) => p,
-                None => {
-                    new_kinds.push((vi, self.views[vi].kinds()));
-                    new_kinds.len() - 1
-                }
-            };
-            new_kinds[p].1[col] |= bit;
-        }
+        let new_kinds = self.merge_kinds(&pending.kinds);
         let mut batch = sled::Batch::default();
         for (k, v) in pending.writes {
             match v {
@@ -1006,28 +1022,18 @@ impl ViewStore {
                 None => batch.remove(k),
             }
         }
-        batch.insert(META_SEQ, &new_seq.to_be_bytes());
-        if !txs.is_empty() {
-            batch.insert(META_LSN, &max_lsn.0.to_be_bytes());
+        let lsn = (!txs.is_empty()).then_some(max_lsn);
+        for (k, v) in self.meta_writes(new_seq, lsn, &new_kinds, &new_stale) {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
         }
         let mut watermark = before.watermark.max(max_lsn);
         if let Some((_, hb)) = heartbeat {
             if hb > watermark {
                 batch.insert(META_HB, &hb.0.to_be_bytes());
                 watermark = hb;
-            }
-        }
-        for (vi, kinds) in &new_kinds {
-            batch.insert(
-                meta_key(META_KINDS, self.views[*vi].name()),
-                kinds.as_slice(),
-            );
-        }
-        for (idx, reason) in &new_stale {
-            let k = meta_key(META_STALE, self.views[*idx].name());
-            match reason {
-                Some(r) => batch.insert(k, r.as_bytes()),
-                None => batch.remove(k),
             }
         }
         {
@@ -1043,26 +1049,83 @@ impl ViewStore {
                 self.cache.invalidate(&touched);
             }
             applied.map_err(|e| self.sled_err(e))?;
-            // Before the progress: a reader that sees the new progress sees the new kinds.
-            for (vi, kinds) in &new_kinds {
-                self.views[*vi].set_kinds(kinds);
-            }
-            if !new_stale.is_empty() {
-                let mut stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
-                for (idx, reason) in new_stale {
-                    stale[idx] = reason;
-                }
-            }
-            self.progress.send_if_modified(|p| {
-                let changed =
-                    (p.applied_seq, p.applied_lsn, p.watermark) != (new_seq, max_lsn, watermark);
-                p.applied_seq = new_seq;
-                p.applied_lsn = max_lsn;
-                p.watermark = watermark;
-                changed
-            });
+            self.publish_applied(new_kinds, new_stale, new_seq, max_lsn, watermark);
         }
         Ok(())
+    }
+
+    /// The key kinds of each view after `kinds` (view index, key column, kind bit) were seen.
+    fn merge_kinds(&self, kinds: &[(usize, usize, u8)]) -> Vec<(usize, Vec<u8>)> {
+        let mut merged: Vec<(usize, Vec<u8>)> = Vec::new();
+        for &(vi, col, bit) in kinds {
+            let p = match merged.iter().position(|(i, _)| *i == vi) {
+                Some(p) => p,
+                None => {
+                    merged.push((vi, self.views[vi].kinds()));
+                    merged.len() - 1
+                }
+            };
+            merged[p].1[col] |= bit;
+        }
+        merged
+    }
+
+    /// The metadata writes that go with applied rows: sequence, LSN (when transactions were
+    /// applied), new key kinds and stale reasons (`None` = delete the key).
+    fn meta_writes(
+        &self,
+        new_seq: u64,
+        lsn: Option<Lsn>,
+        new_kinds: &[(usize, Vec<u8>)],
+        new_stale: &[(usize, Option<String>)],
+    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let mut writes = vec![(META_SEQ.to_vec(), Some(new_seq.to_be_bytes().to_vec()))];
+        if let Some(lsn) = lsn {
+            writes.push((META_LSN.to_vec(), Some(lsn.0.to_be_bytes().to_vec())));
+        }
+        for (vi, kinds) in new_kinds {
+            writes.push((
+                meta_key(META_KINDS, self.views[*vi].name()),
+                Some(kinds.clone()),
+            ));
+        }
+        for (idx, reason) in new_stale {
+            writes.push((
+                meta_key(META_STALE, self.views[*idx].name()),
+                reason.as_ref().map(|r| r.as_bytes().to_vec()),
+            ));
+        }
+        writes
+    }
+
+    /// Publishes what a batch applied to readers (the caller holds the gate exclusively):
+    /// key kinds, stale reasons, then the new progress.
+    fn publish_applied(
+        &self,
+        new_kinds: Vec<(usize, Vec<u8>)>,
+        new_stale: Vec<(usize, Option<String>)>,
+        new_seq: u64,
+        max_lsn: Lsn,
+        watermark: Lsn,
+    ) {
+        // Before the progress: a reader that sees the new progress sees the new kinds.
+        for (vi, kinds) in &new_kinds {
+            self.views[*vi].set_kinds(kinds);
+        }
+        if !new_stale.is_empty() {
+            let mut stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
+            for (idx, reason) in new_stale {
+                stale[idx] = reason;
+            }
+        }
+        self.progress.send_if_modified(|p| {
+            let changed =
+                (p.applied_seq, p.applied_lsn, p.watermark) != (new_seq, max_lsn, watermark);
+            p.applied_seq = new_seq;
+            p.applied_lsn = max_lsn;
+            p.watermark = watermark;
+            changed
+        });
     }
 
     fn apply_event(
@@ -1412,6 +1475,7 @@ impl ViewStore {
         let (schema, table) = shadow.source();
         let mut pending = Pending {
             tree: &self.tree,
+            staged: None,
             writes: BTreeMap::new(),
             touched: Vec::new(),
             touched_all: false,
@@ -1563,6 +1627,7 @@ impl ViewStore {
         }
         let mut pending = Pending {
             tree: &self.tree,
+            staged: None,
             writes: BTreeMap::new(),
             touched: Vec::new(),
             touched_all: false,
@@ -1710,11 +1775,12 @@ pub const HISTORY_GAP_PREFIX: &str = "stream history removed";
 const LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// Opens the sled database at `path`, waiting up to [`LOCK_WAIT`] for its lock.
-fn open_sled(path: &Path) -> Result<sled::Db, sled::Error> {
+fn open_sled(path: &Path, cache_mb: u64) -> Result<sled::Db, sled::Error> {
     let started = std::time::Instant::now();
     loop {
         let opened = sled::Config::new()
             .path(path)
+            .cache_capacity(cache_mb.saturating_mul(1_000_000))
             .flush_every_ms(Some(200))
             .mode(sled::Mode::HighThroughput)
             .open();
@@ -1762,6 +1828,9 @@ type KeyValue = (Vec<u8>, Vec<u8>);
 /// the same row twice).
 struct Pending<'a> {
     tree: &'a sled::Tree,
+    /// The staging tree of a large transaction being applied in parts (its earlier parts'
+    /// writes, read through before `tree`; see [`staging`]).
+    staged: Option<&'a sled::Tree>,
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Key prefixes (`k <id> enc(key…)`) of rows written or deleted: cache entries to drop.
     touched: Vec<Vec<u8>>,
@@ -1775,6 +1844,11 @@ impl Pending<'_> {
     fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, PendingError> {
         if let Some(v) = self.writes.get(k) {
             return Ok(v.clone());
+        }
+        if let Some(staged) = self.staged {
+            if let Some(entry) = staged.get(k)? {
+                return staging::decode(&entry).map(|v| v.map(<[u8]>::to_vec));
+            }
         }
         Ok(self.tree.get(k)?.map(|v| v.to_vec()))
     }
@@ -1793,6 +1867,12 @@ impl Pending<'_> {
         for item in self.tree.scan_prefix(prefix) {
             let (k, v) = item?;
             merged.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        if let Some(staged) = self.staged {
+            for item in staged.scan_prefix(prefix) {
+                let (k, entry) = item?;
+                merged.insert(k.to_vec(), staging::decode(&entry)?.map(<[u8]>::to_vec));
+            }
         }
         let upper = keys::prefix_end(prefix);
         let range = match &upper {

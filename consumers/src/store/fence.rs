@@ -98,6 +98,17 @@ impl Fence {
     /// returns how many, and marks a group as being applied ([`Fence::done`] ends it). With
     /// an empty `txs` (a heartbeat alone) it only waits for holds.
     pub(crate) fn admit(&self, txs: &[SourceTransaction]) -> usize {
+        self.admit_by(txs.len(), |i| commit_lsn(&txs[i]))
+    }
+
+    /// Blocks (applier thread) until one transaction committed at `commit` may be applied, and
+    /// marks it as being applied ([`Fence::done`] ends it).
+    pub(crate) fn admit_commit(&self, commit: Lsn) {
+        self.admit_by(1, |_| commit);
+    }
+
+    /// [`Fence::admit`] over `count` transactions whose commit LSNs `commit_of` gives.
+    fn admit_by(&self, count: usize, commit_of: impl Fn(usize) -> Lsn) -> usize {
         let mut st = self.lock();
         loop {
             if let Some(until) = st.lease_until {
@@ -111,10 +122,10 @@ impl Fence {
             }
             if st.holds == 0 {
                 let admitted = match st.limit {
-                    None => txs.len(),
-                    Some(limit) => txs.iter().take_while(|t| commit_lsn(t) <= limit).count(),
+                    None => count,
+                    Some(limit) => (0..count).take_while(|&i| commit_of(i) <= limit).count(),
                 };
-                if admitted > 0 || txs.is_empty() {
+                if admitted > 0 || count == 0 {
                     st.applying = true;
                     st.at_limit = false;
                     return admitted;

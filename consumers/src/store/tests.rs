@@ -469,6 +469,167 @@ fn overlapping_lookup_keys_return_each_row_once_in_order() {
     assert_eq!(ids, vec![2, 1, 3, 5]);
 }
 
+const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+
+/// One random change of `top_clients` over 5 sellers × 6 clients: inserts, deletes,
+/// key-changing updates, TOAST-merging updates and (rarely) truncates.
+fn random_event(next: &mut impl FnMut(u64) -> i64, lsn: u64) -> ChangeEvent {
+    let (s, c) = (next(5), next(6));
+    match next(10) {
+        0..=4 => ev(
+            Op::Create,
+            lsn,
+            None,
+            Some(client(s, c, NAMES[next(4) as usize], next(3))),
+        ),
+        5 | 6 => ev(
+            Op::Delete,
+            lsn,
+            Some(json!({"seller_id": s, "client_id": c})),
+            None,
+        ),
+        7 => {
+            let to = next(5);
+            ev(
+                Op::Update,
+                lsn,
+                Some(json!({"seller_id": s, "client_id": c})),
+                Some(client(to, c, NAMES[next(4) as usize], next(3))),
+            )
+        }
+        8 => {
+            // Position change with the name unchanged (TOAST merge).
+            let mut e = ev(
+                Op::Update,
+                lsn,
+                None,
+                Some(json!({"seller_id": s, "client_id": c, "position": next(3)})),
+            );
+            e.unchanged_toast = vec!["name".into()];
+            e
+        }
+        _ if next(20) == 0 => ev(Op::Truncate, lsn, None, None),
+        _ => ev(Op::Create, lsn, None, Some(client(s, c, "a", 0))),
+    }
+}
+
+/// A xorshift generator of numbers below `n`.
+fn rng(mut state: u64) -> impl FnMut(u64) -> i64 {
+    move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n) as i64
+    }
+}
+
+/// The two views of the differential tests: keyed inside the primary key (blind writes) and
+/// outside it (reads before writes, through the `p` index).
+fn two_views() -> [ViewConfig; 2] {
+    let by_seller = view_cfg();
+    let mut by_name = view_cfg();
+    by_name.name = "by_name".into();
+    by_name.key = vec!["name".into()];
+    [by_seller, by_name]
+}
+
+fn all_rows(s: &ViewStore) -> Vec<Vec<Row>> {
+    ["top_clients_by_seller", "by_name"]
+        .iter()
+        .map(|v| s.scan(v, usize::MAX, false).expect("scan").rows)
+        .collect()
+}
+
+/// A large transaction applied in parts through staging ends exactly where the same
+/// transaction applied as one batch does, and no part is visible before the last one.
+#[test]
+fn staged_parts_equal_one_batch_and_stay_invisible_until_the_last() {
+    let views = two_views();
+    let (d1, d2) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let whole = ViewStore::open_at(d1.path(), &views).expect("opens");
+    let parts = ViewStore::open_at(d2.path(), &views).expect("opens");
+    let mut next = rng(0x9E37_79B9_7F4A_7C15);
+    for seq in 1..40u64 {
+        let lsn = seq * 10;
+        // Small transactions between large ones, so large ones start from varied states.
+        let small: Vec<ChangeEvent> = (0..1 + next(3))
+            .map(|_| random_event(&mut next, lsn))
+            .collect();
+        let small = tx(seq * 2, small);
+        whole.apply(std::slice::from_ref(&small)).expect("apply");
+        parts.apply(&[small]).expect("apply");
+        let events: Vec<ChangeEvent> = (0..50 + next(200))
+            .map(|_| random_event(&mut next, lsn + 5))
+            .collect();
+        let before = all_rows(&parts);
+        let progress = parts.progress();
+        let part_len = 1 + next(20) as usize;
+        let mut staged = StagedTx::default();
+        let last_len = (1 + next(part_len as u64) as usize).min(events.len());
+        let (head, last) = events.split_at(events.len() - last_len);
+        for part in head.chunks(part_len) {
+            parts.stage(&mut staged, part).expect("stage");
+            assert_eq!(all_rows(&parts), before, "a staged part is visible");
+            assert_eq!(parts.progress(), progress, "progress moved with a part");
+        }
+        parts
+            .commit_staged(staged, last, seq * 2 + 1)
+            .expect("commit");
+        whole.apply(&[tx(seq * 2 + 1, events)]).expect("apply");
+        assert_eq!(all_rows(&parts), all_rows(&whole), "after large tx {seq}");
+        assert_eq!(parts.progress(), whole.progress());
+        assert_eq!(
+            parts.views().iter().map(View::kinds).collect::<Vec<_>>(),
+            whole.views().iter().map(View::kinds).collect::<Vec<_>>()
+        );
+    }
+    assert!(
+        parts.staging.is_empty(),
+        "staging is cleared after a commit"
+    );
+}
+
+/// A crash before the last part leaves staging without the marker: reopening discards it and
+/// the views are as before the transaction. A crash after the marker (before or during the
+/// copy) is finished on open: the whole transaction is visible, with its position.
+#[test]
+fn reopening_discards_incomplete_staging_and_finishes_a_complete_one() {
+    let views = two_views();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut next = rng(7);
+    let events: Vec<ChangeEvent> = (0..300).map(|_| random_event(&mut next, 20)).collect();
+    let reference = tempfile::tempdir().expect("tempdir");
+    let (empty, full) = {
+        let r = ViewStore::open_at(reference.path(), &views).expect("opens");
+        let empty = all_rows(&r);
+        r.apply(&[tx(9, events.clone())]).expect("apply");
+        (empty, (all_rows(&r), r.progress()))
+    };
+    {
+        let s = ViewStore::open_at(dir.path(), &views).expect("opens");
+        let mut staged = StagedTx::default();
+        s.stage(&mut staged, &events[..200]).expect("stage");
+        // Dropped here: a crash before the last part.
+    }
+    {
+        let s = ViewStore::open_at(dir.path(), &views).expect("reopens");
+        assert!(s.staging.is_empty(), "incomplete staging discarded");
+        assert_eq!(all_rows(&s), empty);
+        assert_eq!(s.progress().applied_seq, 0);
+        let mut staged = StagedTx::default();
+        s.stage(&mut staged, &events[..200]).expect("stage");
+        // A crash right after the marker, before the copy.
+        s.stage_marked(staged, &events[200..], 9).expect("marked");
+        assert_eq!(all_rows(&s), empty, "nothing copied yet");
+    }
+    let s = ViewStore::open_at(dir.path(), &views).expect("reopens");
+    assert!(s.staging.is_empty(), "finished staging cleared");
+    assert_eq!((all_rows(&s), s.progress()), full);
+}
+
 /// The read cache never changes an answer: the same random workload applied to a store with
 /// the cache and one without, with lookups between batches (filling the cache), always reads
 /// the same, for a key inside the primary key and a key outside it.
@@ -489,61 +650,26 @@ fn cached_reads_equal_uncached_reads() {
         &views,
         &StoreConfig {
             read_cache_rows: 50,
+            ..StoreConfig::default()
         },
     )
     .expect("opens");
-    let plain = ViewStore::open_with(d2.path(), &views, &StoreConfig { read_cache_rows: 0 })
-        .expect("opens");
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % n) as i64
-    };
-    let names = ["a", "b", "c", "d"];
+    let plain = ViewStore::open_with(
+        d2.path(),
+        &views,
+        &StoreConfig {
+            read_cache_rows: 0,
+            ..StoreConfig::default()
+        },
+    )
+    .expect("opens");
+    let mut next = rng(0x2545_F491_4F6C_DD1D);
+    let names = NAMES;
     for seq in 1..400u64 {
         let lsn = seq * 10;
         let mut events = Vec::new();
         for _ in 0..1 + next(4) {
-            let (s, c) = (next(5), next(6));
-            let e = match next(10) {
-                0..=4 => ev(
-                    Op::Create,
-                    lsn,
-                    None,
-                    Some(client(s, c, names[next(4) as usize], next(3))),
-                ),
-                5 | 6 => ev(
-                    Op::Delete,
-                    lsn,
-                    Some(json!({"seller_id": s, "client_id": c})),
-                    None,
-                ),
-                7 => {
-                    let to = next(5);
-                    ev(
-                        Op::Update,
-                        lsn,
-                        Some(json!({"seller_id": s, "client_id": c})),
-                        Some(client(to, c, names[next(4) as usize], next(3))),
-                    )
-                }
-                8 => {
-                    // Position change with the name unchanged (TOAST merge).
-                    let mut e = ev(
-                        Op::Update,
-                        lsn,
-                        None,
-                        Some(json!({"seller_id": s, "client_id": c, "position": next(3)})),
-                    );
-                    e.unchanged_toast = vec!["name".into()];
-                    e
-                }
-                _ if next(20) == 0 => ev(Op::Truncate, lsn, None, None),
-                _ => ev(Op::Create, lsn, None, Some(client(s, c, "a", 0))),
-            };
-            events.push(e);
+            events.push(random_event(&mut next, lsn));
         }
         let t = tx(seq, events);
         cached.apply(std::slice::from_ref(&t)).expect("apply");

@@ -83,6 +83,11 @@ impl Harness {
 
     /// Writes the TOML config for the `view-agent` binary.
     pub fn write_config(&self, name: &str, port: u16) -> Result<PathBuf> {
+        self.write_config_with(name, port, "")
+    }
+
+    /// Like [`Harness::write_config`], with `extra` TOML tables (e.g. `[apply]`) added.
+    pub fn write_config_with(&self, name: &str, port: u16, extra: &str) -> Result<PathBuf> {
         let path = self.dir.path().join(format!("{name}.toml"));
         let text = format!(
             r#"
@@ -96,7 +101,7 @@ subject_prefix = "{PREFIX}"
 
 [pgwire]
 listen = "127.0.0.1:{port}"
-
+{extra}
 [[views]]
 name = "{VIEW}"
 source = "public.top_clients"
@@ -161,15 +166,24 @@ fn subject(ev: &ChangeEvent) -> String {
 
 /// Publishes one source transaction exactly as the reader does; returns the last sequence.
 pub async fn publish_transaction(js: &jetstream::Context, events: &[ChangeEvent]) -> Result<u64> {
-    let mut acks = Vec::with_capacity(events.len());
+    // A bounded window of unacknowledged publishes: async-nats caps acks in flight, and a
+    // publish past the cap waits for one to be awaited.
+    const WINDOW: usize = 1_000;
+    let mut acks: std::collections::VecDeque<jetstream::context::PublishAckFuture> =
+        std::collections::VecDeque::with_capacity(WINDOW);
+    let mut last = 0;
     for ev in events {
         let body = serde_json::to_vec(ev)?;
-        acks.push(
+        if acks.len() == WINDOW {
+            if let Some(a) = acks.pop_front() {
+                last = a.await?.sequence;
+            }
+        }
+        acks.push_back(
             js.publish_with_headers(subject(ev), headers(ev), body.into())
                 .await?,
         );
     }
-    let mut last = 0;
     for a in acks {
         last = a.await?.sequence;
     }

@@ -1,0 +1,291 @@
+//! Large source transactions: applied in parts with bounded memory, made visible at once.
+//!
+//! A transaction of more than `apply.max_tx_events_in_memory` events is never held in memory
+//! whole. The follow loop hands it to the applier in parts. Each part is applied against the
+//! views as the earlier parts left them (reads go through the staging tree first) and its
+//! writes land in the sled tree `staging` — key: the views' key; value: [`PUT`] + the new
+//! value, or [`DEL`] — where no query looks.
+//!
+//! The last part goes into staging in one batch together with the transaction's metadata
+//! (applied sequence and LSN, key kinds, stale reasons, as entries for the views' meta keys)
+//! and the [`MARKER`]. From that batch on, the transaction is durable as a whole. The store
+//! flushes, copies staging into the views in bounded batches while it holds the read gate
+//! exclusively (queries wait for the copy, so none sees part of the transaction), flushes
+//! again, removes the marker and clears staging.
+//!
+//! # Crash safety
+//! - Staging without the marker holds an incomplete transaction that the stream still holds in
+//!   full after the applied sequence: it is discarded on open, and when a new session starts
+//!   the transaction over (its first part says so).
+//! - Staging with the marker is copied again on open, before anything is served: copying is
+//!   idempotent because staging holds final values, and no later transaction was applied (the
+//!   applier finishes one commit before it starts the next).
+//!
+//! The flush between the marker and the copy keeps a crash from leaving copied rows without a
+//! durable marker; the flush after the copy keeps the marker's removal from outliving rows that
+//! were not yet durable.
+
+use std::collections::BTreeMap;
+use std::sync::PoisonError;
+
+use cdc::envelope::ChangeEvent;
+use cdc::Lsn;
+
+use super::{Pending, PendingError, Scratch, StoreError, ViewStore};
+
+/// The sled tree holding staged writes.
+pub(super) const TREE: &str = "staging";
+/// Present (in the staging tree) once staging holds a whole transaction. Sorts after every
+/// view key (`k…`, `p…`, `m…`).
+const MARKER: &[u8] = b"\xffstaged";
+/// Tag of a staged write.
+const PUT: u8 = 1;
+/// Tag of a staged delete.
+const DEL: u8 = 0;
+/// Entries per sled batch when staging is copied into the views.
+const COPY_CHUNK: usize = 1_000;
+
+/// Decodes a staged entry: `Some(value)` for a write, `None` for a delete.
+pub(super) fn decode(entry: &[u8]) -> Result<Option<&[u8]>, PendingError> {
+    match entry.split_first() {
+        Some((&PUT, value)) => Ok(Some(value)),
+        Some((&DEL, [])) => Ok(None),
+        _ => Err(PendingError::Corrupt(format!(
+            "staged entry of {} bytes with tag {:?}; delete the agent's data_dir and replay the stream",
+            entry.len(),
+            entry.first()
+        ))),
+    }
+}
+
+fn encode(value: Option<&[u8]>) -> Vec<u8> {
+    match value {
+        Some(v) => {
+            let mut e = Vec::with_capacity(v.len() + 1);
+            e.push(PUT);
+            e.extend_from_slice(v);
+            e
+        }
+        None => vec![DEL],
+    }
+}
+
+/// A large source transaction being applied in parts: what its staged parts changed beyond
+/// the rows (kept in memory; small).
+#[derive(Debug, Default)]
+pub struct StagedTx {
+    events: usize,
+    max_lsn: Lsn,
+    last_ts: Option<i64>,
+    /// Key kinds new to a view: (view index, key column, kind bit).
+    kinds: Vec<(usize, usize, u8)>,
+    new_stale: Vec<(usize, Option<String>)>,
+}
+
+impl StagedTx {
+    /// Events staged so far.
+    pub fn events(&self) -> usize {
+        self.events
+    }
+}
+
+/// What a marked (complete) staged transaction makes visible beyond its rows.
+struct MarkedTx {
+    new_seq: u64,
+    max_lsn: Lsn,
+    new_kinds: Vec<(usize, Vec<u8>)>,
+    watermark: Lsn,
+}
+
+/// Copies every staged entry into `tree` in batches of [`COPY_CHUNK`]; returns how many.
+fn copy(staging: &sled::Tree, tree: &sled::Tree) -> Result<usize, PendingError> {
+    let mut batch = sled::Batch::default();
+    let (mut in_batch, mut copied) = (0, 0);
+    for item in staging.range(..MARKER) {
+        let (k, entry) = item?;
+        match decode(&entry)? {
+            Some(v) => batch.insert(k, v),
+            None => batch.remove(k),
+        }
+        in_batch += 1;
+        copied += 1;
+        if in_batch == COPY_CHUNK {
+            tree.apply_batch(std::mem::take(&mut batch))?;
+            in_batch = 0;
+        }
+    }
+    tree.apply_batch(batch)?;
+    Ok(copied)
+}
+
+/// Ends staging after a copy: the copy durable first, then the marker gone, then the rest.
+fn finish(db: &sled::Db, staging: &sled::Tree) -> Result<(), PendingError> {
+    db.flush()?;
+    staging.remove(MARKER)?;
+    staging.clear()?;
+    Ok(())
+}
+
+/// On open: finishes a transaction whose staging was complete, discards an incomplete one.
+pub(super) fn recover(
+    db: &sled::Db,
+    tree: &sled::Tree,
+    staging: &sled::Tree,
+) -> Result<(), PendingError> {
+    if staging.contains_key(MARKER)? {
+        let copied = copy(staging, tree)?;
+        tracing::info!(
+            entries = copied,
+            "finished making a large transaction visible (interrupted by a crash)"
+        );
+        finish(db, staging)
+    } else if !staging.is_empty() {
+        tracing::info!(
+            "discarding the staged parts of an incomplete large transaction (the stream holds it)"
+        );
+        staging.clear()?;
+        Ok(())
+    } else {
+        Ok(())
+    }
+}
+
+impl ViewStore {
+    /// Discards what is staged (a large transaction that will be read again from its start).
+    pub fn discard_staged(&self) -> Result<(), StoreError> {
+        self.staging.clear().map_err(|e| self.sled_err(e))
+    }
+
+    /// Applies `events`, a part of a large transaction, into staging: invisible to queries
+    /// until [`ViewStore::commit_staged`].
+    pub fn stage(&self, staged: &mut StagedTx, events: &[ChangeEvent]) -> Result<(), StoreError> {
+        let batch = self.stage_part(staged, events)?;
+        self.staging
+            .apply_batch(batch)
+            .map_err(|e| self.sled_err(e))
+    }
+
+    /// Applies the last part of a large transaction (`last_seq`: its last stream sequence)
+    /// and makes the whole transaction visible at once (see the module docs).
+    pub fn commit_staged(
+        &self,
+        mut staged: StagedTx,
+        events: &[ChangeEvent],
+        last_seq: u64,
+    ) -> Result<(), StoreError> {
+        let mut batch = self.stage_part(&mut staged, events)?;
+        self.fence.admit_commit(staged.max_lsn);
+        let started = std::time::Instant::now();
+        let result = self.commit_admitted(&mut batch, &staged, last_seq);
+        self.fence.done();
+        result?;
+        self.record_applied(started, staged.events, staged.last_ts);
+        Ok(())
+    }
+
+    fn stage_part(
+        &self,
+        staged: &mut StagedTx,
+        events: &[ChangeEvent],
+    ) -> Result<sled::Batch, StoreError> {
+        let mut pending = Pending {
+            tree: &self.tree,
+            staged: Some(&self.staging),
+            writes: BTreeMap::new(),
+            touched: Vec::new(),
+            // The commit clears the whole read cache.
+            touched_all: true,
+            // Kinds already seen by earlier parts are not recorded again.
+            kinds: std::mem::take(&mut staged.kinds),
+        };
+        let mut scratch = Scratch::default();
+        for ev in events {
+            staged.max_lsn = staged.max_lsn.max(ev.source.commit_lsn);
+            self.apply_event(&mut pending, ev, &mut staged.new_stale, &mut scratch)
+                .map_err(|e| self.pending_err(e))?;
+        }
+        staged.events += events.len();
+        if let Some(ev) = events.last() {
+            staged.last_ts = Some(ev.source.ts_ms);
+        }
+        staged.kinds = pending.kinds;
+        let mut batch = sled::Batch::default();
+        for (k, v) in pending.writes {
+            batch.insert(k, encode(v.as_deref()));
+        }
+        Ok(batch)
+    }
+
+    /// Writes the last part with the transaction's metadata and the marker, durably: from
+    /// here on the transaction is complete in staging. Returns the new (seq, LSN, kinds).
+    fn mark_complete(
+        &self,
+        batch: &mut sled::Batch,
+        staged: &StagedTx,
+        last_seq: u64,
+    ) -> Result<MarkedTx, StoreError> {
+        let before = self.progress();
+        let new_seq = last_seq.max(before.applied_seq);
+        let max_lsn = staged.max_lsn.max(before.applied_lsn);
+        let new_kinds = self.merge_kinds(&staged.kinds);
+        for (k, v) in self.meta_writes(new_seq, Some(max_lsn), &new_kinds, &staged.new_stale) {
+            batch.insert(k, encode(v.as_deref()));
+        }
+        batch.insert(MARKER, &[]);
+        let sled_err = |e: sled::Error| self.sled_err(e);
+        self.staging
+            .apply_batch(std::mem::take(batch))
+            .map_err(sled_err)?;
+        self.db.flush().map_err(sled_err)?;
+        Ok(MarkedTx {
+            new_seq,
+            max_lsn,
+            new_kinds,
+            watermark: before.watermark.max(max_lsn),
+        })
+    }
+
+    /// Test hook: the last part staged and marked, the copy not begun (a crash right there).
+    #[cfg(test)]
+    pub(super) fn stage_marked(
+        &self,
+        mut staged: StagedTx,
+        events: &[ChangeEvent],
+        last_seq: u64,
+    ) -> Result<(), StoreError> {
+        let mut batch = self.stage_part(&mut staged, events)?;
+        self.mark_complete(&mut batch, &staged, last_seq).map(drop)
+    }
+
+    fn commit_admitted(
+        &self,
+        batch: &mut sled::Batch,
+        staged: &StagedTx,
+        last_seq: u64,
+    ) -> Result<(), StoreError> {
+        let marked = self.mark_complete(batch, staged, last_seq)?;
+        {
+            let _gate = self
+                .read_gate
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let copied = copy(&self.staging, &self.tree);
+            // The views changed wholesale (and maybe partly, if the copy failed).
+            self.cache.clear();
+            let copied = copied.map_err(|e| self.pending_err(e))?;
+            tracing::debug!(
+                entries = copied,
+                events = staged.events,
+                "large transaction visible"
+            );
+            self.publish_applied(
+                marked.new_kinds,
+                staged.new_stale.clone(),
+                marked.new_seq,
+                marked.max_lsn,
+                marked.watermark,
+            );
+        }
+        finish(&self.db, &self.staging).map_err(|e| self.pending_err(e))
+    }
+}
