@@ -51,6 +51,10 @@ struct Cli {
     /// (`X.json` → `X-latency.png`).
     #[arg(long, value_name = "JSON", conflicts_with_all = ["quick", "only"])]
     chart_from: Option<PathBuf>,
+    /// Internal (row 6's ceiling): fill a fresh agent store with this many rows and print the
+    /// process's peak RSS in KiB.
+    #[arg(long, hide = true, value_name = "ROWS")]
+    store_floor: Option<u64>,
 }
 
 /// The rows of the table, in the order.
@@ -113,6 +117,15 @@ struct Results<'a> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(rows) = cli.store_floor {
+        return match memory::store_floor(rows) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cdc-bench --store-floor: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -8,6 +8,11 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 use testkit::{Nats, Postgres};
 
+use cdc::envelope::{ChangeEvent, Op, Source, TransactionInfo};
+use cdc::Lsn;
+use consumers::config::ViewConfig;
+use consumers::{SourceTransaction, ViewStore};
+
 use crate::pipeline::{self, AgentView, Binaries};
 use crate::report::{self, Line, RowReport, Target};
 
@@ -27,6 +32,97 @@ struct Outcome {
     reader_peak_kib: u64,
     agent_rss_before_kib: u64,
     agent_peak_kib: u64,
+    /// The ceiling beside the agent: peak RSS of a process holding only the agent's store,
+    /// with the same rows written in transactions of 1,000 rows.
+    store_alone_peak_kib: u64,
+}
+
+/// Rows per transaction when the store alone is filled.
+const FLOOR_TX_ROWS: u64 = 1_000;
+
+/// The memory row's view as the agent's store sees it (the agent's config says the same).
+fn floor_view() -> ViewConfig {
+    ViewConfig {
+        name: "big_by_id".into(),
+        source: "public.big".into(),
+        key: vec!["id".into()],
+        primary_key: vec!["id".into()],
+        columns: Some(vec!["seller_id".into(), "name".into(), "position".into()]),
+        column_types: Default::default(),
+    }
+}
+
+/// Row `g` of the memory row's table, as the reader publishes it (the insert's shape).
+fn floor_event(g: u64) -> ChangeEvent {
+    let tx = g / FLOOR_TX_ROWS;
+    let ord = g % FLOOR_TX_ROWS + 1;
+    let commit = Lsn(0x1_0000 + tx * 0x1_0000);
+    let after = serde_json::json!({"id": g, "seller_id": g % 1000, "name": format!("client {g}"),
+        "logo_url": format!("https://cdn.example/{g}.png"), "position": g % 10,
+        "updated_at": "2026-12-01T12:00:00.000000Z"});
+    ChangeEvent {
+        op: Op::Create,
+        before: None,
+        after: after.as_object().cloned(),
+        unchanged_toast: vec![],
+        source: Source {
+            db: "memory".into(),
+            schema: "public".into(),
+            table: "big".into(),
+            lsn: Lsn(commit.0 - 0x8000 + ord),
+            commit_lsn: commit,
+            tx_id: Some(tx as u32),
+            ts_ms: 1_764_590_400_000,
+            snapshot: false,
+        },
+        transaction: Some(TransactionInfo {
+            id: format!("{tx}:{commit}"),
+            total_order: ord,
+            data_collection_order: ord,
+            last: ord == FLOOR_TX_ROWS,
+        }),
+        ts_ms: 1_764_590_400_003,
+    }
+}
+
+/// `cdc-bench --store-floor ROWS` (a process of its own): writes `rows` rows into a fresh
+/// agent store with the default `[store]` options, in transactions of 1,000, and prints its
+/// peak RSS in KiB.
+pub fn store_floor(rows: u64) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = ViewStore::open_at(dir.path(), &[floor_view()])?;
+    let mut g = 1;
+    while g <= rows {
+        let end = (g + FLOOR_TX_ROWS).min(rows + 1);
+        let events: Vec<ChangeEvent> = (g..end).map(floor_event).collect();
+        let last_seq = end - 1;
+        store.apply(&[SourceTransaction { last_seq, events }])?;
+        g = end;
+    }
+    store.flush()?;
+    let peak = testkit::peak_rss_kib(std::process::id()).context("reading VmHWM")?;
+    println!("{peak}");
+    Ok(())
+}
+
+/// Runs [`store_floor`] in a child process; its peak RSS in KiB.
+async fn measure_store_floor(rows: u64) -> Result<u64> {
+    let exe = std::env::current_exe().context("locating cdc-bench")?;
+    let out = tokio::process::Command::new(exe)
+        .arg("--store-floor")
+        .arg(rows.to_string())
+        .output()
+        .await
+        .context("running cdc-bench --store-floor")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "cdc-bench --store-floor failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("the output of cdc-bench --store-floor")
 }
 
 /// Runs row 6 with one transaction of `rows` rows.
@@ -122,6 +218,8 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
     let agent_peak_kib = agent.peak_rss_kib().context("reading the agent's VmHWM")?;
     pipeline::stop(&mut agent).await?;
     pipeline::stop(&mut reader).await?;
+    eprintln!("  the agent's store alone holding the same rows …");
+    let store_alone_peak_kib = measure_store_floor(rows).await?;
 
     let outcome = Outcome {
         rows,
@@ -132,9 +230,10 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
         reader_peak_kib,
         agent_rss_before_kib,
         agent_peak_kib,
+        store_alone_peak_kib,
     };
     let mb = |kib: u64| kib as f64 * 1024.0 / 1e6;
-    let line = |who: &str, peak: u64, before: u64, secs: f64, what: &str| Line {
+    let line = |who: &str, peak: u64, before: u64, secs: f64, what: &str, extra: String| Line {
         row: 6,
         measurement: format!(
             "Memory: peak RSS (VmHWM) of the {who} while one transaction of {} rows flows through",
@@ -142,7 +241,7 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
         ),
         result: format!("**{:.0} MB**", mb(peak)),
         beside: format!(
-            "{:.0} MB before the transaction; {what} {secs:.1} s after its commit",
+            "{:.0} MB before the transaction; {what} {secs:.1} s after its commit{extra}",
             mb(before)
         ),
         targets: vec![Target::new(
@@ -159,6 +258,7 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
                 reader_rss_before_kib,
                 reader_secs,
                 "all of it in the stream",
+                String::new(),
             ),
             line(
                 "`view-agent`",
@@ -166,6 +266,11 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
                 agent_rss_before_kib,
                 agent_secs,
                 "all of it visible in the view",
+                format!(
+                    "; the agent's store alone holding the same rows (written in transactions of \
+                     1,000, in a process of its own): {:.0} MB",
+                    mb(store_alone_peak_kib)
+                ),
             ),
         ],
         data: serde_json::to_value(&outcome)?,
