@@ -269,13 +269,15 @@ impl ViewStore {
                 .read_gate
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
+            let started = std::time::Instant::now();
             let copied = copy(&self.staging, &self.tree);
             // The views changed wholesale (and maybe partly, if the copy failed).
             self.cache.clear();
             let copied = copied.map_err(|e| self.pending_err(e))?;
-            tracing::debug!(
-                entries = copied,
+            tracing::info!(
                 events = staged.events,
+                entries = copied,
+                queries_waited = ?started.elapsed(),
                 "large transaction visible"
             );
             self.publish_applied(
