@@ -32,6 +32,8 @@ struct Outcome {
     reader_peak_kib: u64,
     agent_rss_before_kib: u64,
     agent_peak_kib: u64,
+    /// How long the agent's queries waited while the transaction was copied into its views.
+    queries_waited_secs: f64,
     /// The ceiling beside the agent: peak RSS of a process holding only the agent's store,
     /// with the same rows written in transactions of 1,000 rows.
     store_alone_peak_kib: u64,
@@ -105,6 +107,29 @@ pub fn store_floor(rows: u64) -> Result<()> {
     Ok(())
 }
 
+/// The `queries_waited` duration of the store's "large transaction visible" log line, in
+/// seconds (`None` until it is logged).
+fn queries_waited(log: &str) -> Option<f64> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("large transaction visible"))?;
+    let value = line
+        .split("queries_waited=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?;
+    let (number, scale) = if let Some(n) = value.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = value.strip_suffix("µs") {
+        (n, 1e-6)
+    } else if let Some(n) = value.strip_suffix("ns") {
+        (n, 1e-9)
+    } else {
+        (value.strip_suffix('s')?, 1.0)
+    };
+    number.parse::<f64>().ok().map(|n| n * scale)
+}
+
 /// Runs [`store_floor`] in a child process; its peak RSS in KiB.
 async fn measure_store_floor(rows: u64) -> Result<u64> {
     let exe = std::env::current_exe().context("locating cdc-bench")?;
@@ -168,7 +193,14 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
         },
         "",
     )?;
-    let mut agent = bins.spawn_agent(&agent_config, "view-agent").await?;
+    // The store logs how long queries waited while a large transaction was copied in.
+    let mut agent = bins
+        .spawn_agent_logging(
+            &agent_config,
+            "view-agent",
+            "warn,consumers::store::staging=info",
+        )
+        .await?;
     let reader_rss_before_kib = reader.rss_kib().unwrap_or_default();
     let agent_rss_before_kib = agent.rss_kib().unwrap_or_default();
 
@@ -216,6 +248,12 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
         .peak_rss_kib()
         .context("reading the reader's VmHWM")?;
     let agent_peak_kib = agent.peak_rss_kib().context("reading the agent's VmHWM")?;
+    let queries_waited_secs = testkit::until(
+        Duration::from_secs(10),
+        "the agent's log line of the large transaction",
+        || async { queries_waited(&format!("{}{}", agent.stdout(), agent.stderr())) },
+    )
+    .await?;
     pipeline::stop(&mut agent).await?;
     pipeline::stop(&mut reader).await?;
     eprintln!("  the agent's store alone holding the same rows …");
@@ -230,6 +268,7 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
         reader_peak_kib,
         agent_rss_before_kib,
         agent_peak_kib,
+        queries_waited_secs,
         store_alone_peak_kib,
     };
     let mb = |kib: u64| kib as f64 * 1024.0 / 1e6;
@@ -267,7 +306,7 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
                 agent_secs,
                 "all of it visible in the view",
                 format!(
-                    "; the agent's store alone holding the same rows (written in transactions of \
+                    " (queries waited {queries_waited_secs:.1} s while it was copied in); the agent's store alone holding the same rows (written in transactions of \
                      1,000, in a process of its own): {:.0} MB",
                     mb(store_alone_peak_kib)
                 ),

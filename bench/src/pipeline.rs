@@ -56,10 +56,20 @@ impl Binaries {
 
     /// Starts `view-agent run --config <config>` and waits until it answers queries.
     pub async fn spawn_agent(&self, config: &Path, name: &str) -> Result<ChildProcess> {
+        self.spawn_agent_logging(config, name, "warn").await
+    }
+
+    /// [`Binaries::spawn_agent`] with its log filtered by `rust_log`.
+    pub async fn spawn_agent_logging(
+        &self,
+        config: &Path,
+        name: &str,
+        rust_log: &str,
+    ) -> Result<ChildProcess> {
         let mut cmd = Command::new(&self.view_agent);
         cmd.args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", rust_log);
         let mut agent = testkit::spawn_logged(cmd, name)?;
         agent
             .wait_for_output("view-agent ready", Duration::from_secs(60))
