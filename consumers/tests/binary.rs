@@ -13,13 +13,6 @@ use common::*;
 
 const KILLS: usize = 20;
 
-fn agent_cmd(config: &std::path::Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_view-agent"));
-    cmd.arg("run").arg("--config").arg(config);
-    cmd.env("RUST_LOG", "warn");
-    cmd
-}
-
 /// Applied sequence as reported by `cdc_status`, or `None` while the agent is not answering.
 async fn applied_seq(port: u16) -> Option<i64> {
     let pg = pg_connect(port).await.ok()?;
@@ -113,10 +106,7 @@ async fn kill9_twenty_times_applies_every_event_exactly_once() -> Result<()> {
     let want = expected_tuples(&src);
     assert_eq!(got.len(), want.len(), "row count");
     assert_eq!(got, want, "view differs from the source fold");
-    agent.signal(testkit::Signal::Term)?;
-    let status = agent.wait_with_timeout(WAIT).await?;
-    assert!(status.success(), "exit after SIGTERM: {status}");
-    Ok(())
+    stop_agent(&mut agent).await
 }
 
 /// SIGTERM and SIGINT while transactions stream in: exit 0 within 5 s, after finishing the

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,13 +19,6 @@ const APPLY: &str = "max_result_rows = 1000000\n[apply]\nmax_tx_events_in_memory
 /// transaction alone takes when gathered in memory, with room for sled (measured: ~175 MB peak
 /// from ~72 MB idle, debug build).
 const BOUND_KB: u64 = 250_000;
-
-fn agent_cmd(config: &std::path::Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_view-agent"));
-    cmd.arg("run").arg("--config").arg(config);
-    cmd.env("RUST_LOG", "warn");
-    cmd
-}
 
 async fn applied_seq(pg: &tokio_postgres::Client) -> Option<i64> {
     pg.query_one("SELECT applied_seq FROM cdc_status", &[])
@@ -143,10 +135,7 @@ async fn a_large_transaction_applies_in_bounded_memory_and_atomically() -> Resul
         BOUND_KB / 1000
     );
     assert_eq!(pg_rows(&pg).await?, expected_tuples(&src), "view vs source");
-    agent.signal(testkit::Signal::Term)?;
-    let status = agent.wait_with_timeout(WAIT).await?;
-    assert!(status.success(), "exit after SIGTERM: {status}");
-    Ok(())
+    stop_agent(&mut agent).await
 }
 
 /// kill -9 at random moments while large transactions are staged and copied (and small ones
@@ -186,8 +175,5 @@ async fn kill9_during_large_transactions_loses_and_duplicates_nothing() -> Resul
     .await
     .with_context(|| agent.describe())?;
     assert_eq!(pg_rows(&pg).await?, expected_tuples(&src), "view vs source");
-    agent.signal(testkit::Signal::Term)?;
-    let status = agent.wait_with_timeout(WAIT).await?;
-    assert!(status.success(), "exit after SIGTERM: {status}");
-    Ok(())
+    stop_agent(&mut agent).await
 }

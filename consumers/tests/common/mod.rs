@@ -118,6 +118,22 @@ column_types = {{ seller_id = "int8", client_id = "int8", position = "int4" }}
     }
 }
 
+/// `view-agent run --config <config>` with warnings logged.
+pub fn agent_cmd(config: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_view-agent"));
+    cmd.arg("run").arg("--config").arg(config);
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Sends SIGTERM to an agent process and checks it exits 0 within [`WAIT`].
+pub async fn stop_agent(agent: &mut testkit::ChildProcess) -> Result<()> {
+    agent.signal(testkit::Signal::Term)?;
+    let status = agent.wait_with_timeout(WAIT).await?;
+    anyhow::ensure!(status.success(), "exit after SIGTERM: {status}");
+    Ok(())
+}
+
 pub fn standard_view() -> ViewConfig {
     ViewConfig {
         name: VIEW.into(),
