@@ -31,9 +31,10 @@
 //!
 //! # Large transactions
 //! A source transaction of more than `apply.max_tx_events_in_memory` events is applied in
-//! parts into a second tree, `staging`, and copied into `views2` under the exclusive gate once
-//! its last part is in: queries wait for the copy and never see a part. A marker makes the copy
-//! crash-safe; see [`staging`].
+//! parts into a second tree, `staging`, and copied into `views2` once its last part is in. It
+//! becomes visible at once, before the copy (one flag flipped under the exclusive gate):
+//! queries read the views with staging laid over them until the copy is done, and never see a
+//! part. A marker makes the copy crash-safe; see [`staging`].
 //!
 //! # Read cache
 //! Lookups of a whole key (every key column given) are cached in memory: key prefix → the
@@ -558,6 +559,9 @@ pub struct ViewStore {
     by_table: HashMap<String, HashMap<String, Vec<usize>>>,
     /// Exclusive around `apply_batch`, shared around a query's reads (see module docs).
     read_gate: RwLock<()>,
+    /// Staging is laid over the views for readers: a large transaction that is visible while
+    /// it is copied in (see [`staging`]). Changed only under the exclusive gate.
+    overlay: std::sync::atomic::AtomicBool,
     cache: ReadCache,
     stale: Mutex<Vec<Option<String>>>,
     progress: watch::Sender<Progress>,
@@ -757,6 +761,7 @@ impl ViewStore {
             by_name,
             by_table,
             read_gate: RwLock::new(()),
+            overlay: std::sync::atomic::AtomicBool::new(false),
             cache: ReadCache::new(options.read_cache_rows),
             stale: Mutex::new(stale),
             progress: watch::Sender::new(progress),
@@ -1287,8 +1292,12 @@ impl ViewStore {
                 }
                 let first = values.len();
                 let mut complete = true;
-                for item in self.tree.scan_prefix(p) {
-                    let (_, val) = item.map_err(|e| self.sled_err(e))?;
+                let staged = self
+                    .overlay
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    .then_some(&self.staging);
+                for item in staging::rows(&self.tree, staged, p) {
+                    let val = item.map_err(|e| self.pending_err(e))?;
                     if values.len() >= limit {
                         truncated = true;
                         complete = false;

@@ -9,9 +9,11 @@
 //! The last part goes into staging in one batch together with the transaction's metadata
 //! (applied sequence and LSN, key kinds, stale reasons, as entries for the views' meta keys)
 //! and the [`MARKER`]. From that batch on, the transaction is durable as a whole. The store
-//! flushes, copies staging into the views in bounded batches while it holds the read gate
-//! exclusively (queries wait for the copy, so none sees part of the transaction), flushes
-//! again, removes the marker and clears staging.
+//! flushes, then makes it visible at once: under the exclusive read gate it turns the overlay
+//! on (queries read the views with staging laid over them, [`rows`]) and publishes the new
+//! progress. It then copies staging into the views in bounded batches while queries go on
+//! (views + staging is the new state throughout: staging holds final values), turns the
+//! overlay off under the gate, flushes, removes the marker and clears staging.
 //!
 //! # Crash safety
 //! - Staging without the marker holds an incomplete transaction that the stream still holds in
@@ -25,8 +27,12 @@
 //! durable marker; the flush after the copy keeps the marker's removal from outliving rows that
 //! were not yet durable.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::iter::Peekable;
+use std::sync::atomic::Ordering::Release;
 use std::sync::PoisonError;
+use std::time::Instant;
 
 use cdc::envelope::ChangeEvent;
 use cdc::Lsn;
@@ -86,6 +92,78 @@ impl StagedTx {
     /// Events staged so far.
     pub fn events(&self) -> usize {
         self.events
+    }
+}
+
+/// The values under `prefix` in key order: `tree`'s, with `staged` (if any) laid over them —
+/// a staged write replaces the tree's value of its key, a staged delete hides it.
+pub(super) fn rows(tree: &sled::Tree, staged: Option<&sled::Tree>, prefix: &[u8]) -> Overlaid {
+    Overlaid {
+        main: tree.scan_prefix(prefix).peekable(),
+        staged: staged.map(|s| s.scan_prefix(prefix).peekable()),
+    }
+}
+
+/// See [`rows`].
+pub(super) struct Overlaid {
+    main: Peekable<sled::Iter>,
+    staged: Option<Peekable<sled::Iter>>,
+}
+
+/// Which side [`Overlaid`] takes next.
+enum Next {
+    Main,
+    Staged { shadows_main: bool },
+    Done,
+}
+
+fn value_of(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<sled::IVec, PendingError> {
+    item.map(|(_, v)| v).map_err(PendingError::from)
+}
+
+impl Iterator for Overlaid {
+    type Item = Result<sled::IVec, PendingError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let Some(staged) = self.staged.as_mut() else {
+                return self.main.next().map(value_of);
+            };
+            // An error on either side is returned as it comes up.
+            let next = match (self.main.peek(), staged.peek()) {
+                (None, None) => Next::Done,
+                (Some(Err(_)), _) | (Some(Ok(_)), None) => Next::Main,
+                (_, Some(Err(_))) | (None, Some(Ok(_))) => Next::Staged {
+                    shadows_main: false,
+                },
+                (Some(Ok((a, _))), Some(Ok((b, _)))) => match a.cmp(b) {
+                    Ordering::Less => Next::Main,
+                    Ordering::Equal => Next::Staged { shadows_main: true },
+                    Ordering::Greater => Next::Staged {
+                        shadows_main: false,
+                    },
+                },
+            };
+            match next {
+                Next::Done => return None,
+                Next::Main => return self.main.next().map(value_of),
+                Next::Staged { shadows_main } => {
+                    if shadows_main {
+                        self.main.next();
+                    }
+                    let entry = match staged.next().map(value_of)? {
+                        Ok(entry) => entry,
+                        Err(e) => return Some(Err(e)),
+                    };
+                    match decode(&entry) {
+                        Ok(Some(_)) => return Some(Ok(entry.subslice(1, entry.len() - 1))),
+                        // Deleted by the transaction.
+                        Ok(None) => continue,
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -264,30 +342,82 @@ impl ViewStore {
         last_seq: u64,
     ) -> Result<(), StoreError> {
         let marked = self.mark_complete(batch, staged, last_seq)?;
+        self.show_staged(marked, staged);
+        self.copy_in(staged.events)
+    }
+
+    /// Makes the marked transaction visible at once: the overlay on and the new progress
+    /// published, under the exclusive gate (queries wait only for this).
+    fn show_staged(&self, marked: MarkedTx, staged: &StagedTx) {
+        let _gate = self
+            .read_gate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let started = Instant::now();
+        self.overlay.store(true, Release);
+        // The views changed wholesale.
+        self.cache.clear();
+        self.publish_applied(
+            marked.new_kinds,
+            staged.new_stale.clone(),
+            marked.new_seq,
+            marked.max_lsn,
+            marked.watermark,
+        );
+        tracing::info!(
+            events = staged.events,
+            queries_waited = ?started.elapsed(),
+            "large transaction visible"
+        );
+    }
+
+    /// Copies staging into the views while queries read through the overlay, then turns the
+    /// overlay off and clears staging. A failed copy leaves the overlay on (the state readers
+    /// see stays whole) and is finished on the next open.
+    fn copy_in(&self, events: usize) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let copied = copy(&self.staging, &self.tree).map_err(|e| self.pending_err(e))?;
         {
             let _gate = self
                 .read_gate
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            let started = std::time::Instant::now();
-            let copied = copy(&self.staging, &self.tree);
-            // The views changed wholesale (and maybe partly, if the copy failed).
-            self.cache.clear();
-            let copied = copied.map_err(|e| self.pending_err(e))?;
-            tracing::info!(
-                events = staged.events,
-                entries = copied,
-                queries_waited = ?started.elapsed(),
-                "large transaction visible"
-            );
-            self.publish_applied(
-                marked.new_kinds,
-                staged.new_stale.clone(),
-                marked.new_seq,
-                marked.max_lsn,
-                marked.watermark,
-            );
+            // Cached entries filled meanwhile hold the new rows: still right.
+            self.overlay.store(false, Release);
         }
-        finish(&self.db, &self.staging).map_err(|e| self.pending_err(e))
+        finish(&self.db, &self.staging).map_err(|e| self.pending_err(e))?;
+        tracing::info!(
+            events,
+            entries = copied,
+            copy = ?started.elapsed(),
+            "large transaction copied into the views"
+        );
+        Ok(())
+    }
+
+    /// Test hook: the last part staged, marked and made visible, the copy not begun.
+    #[cfg(test)]
+    pub(super) fn stage_visible(
+        &self,
+        mut staged: StagedTx,
+        events: &[ChangeEvent],
+        last_seq: u64,
+    ) -> Result<(), StoreError> {
+        let mut batch = self.stage_part(&mut staged, events)?;
+        let marked = self.mark_complete(&mut batch, &staged, last_seq)?;
+        self.show_staged(marked, &staged);
+        Ok(())
+    }
+
+    /// Test hook: the copy of a transaction made visible by [`ViewStore::stage_visible`].
+    #[cfg(test)]
+    pub(super) fn finish_visible(&self) -> Result<(), StoreError> {
+        self.copy_in(0)
+    }
+
+    /// Test hook: whether readers see the views through staging.
+    #[cfg(test)]
+    pub(super) fn overlaid(&self) -> bool {
+        self.overlay.load(std::sync::atomic::Ordering::Acquire)
     }
 }

@@ -575,10 +575,28 @@ fn staged_parts_equal_one_batch_and_stay_invisible_until_the_last() {
             assert_eq!(all_rows(&parts), before, "a staged part is visible");
             assert_eq!(parts.progress(), progress, "progress moved with a part");
         }
-        parts
-            .commit_staged(staged, last, seq * 2 + 1)
-            .expect("commit");
-        whole.apply(&[tx(seq * 2 + 1, events)]).expect("apply");
+        whole
+            .apply(&[tx(seq * 2 + 1, events.clone())])
+            .expect("apply");
+        if seq % 2 == 0 {
+            parts
+                .commit_staged(staged, last, seq * 2 + 1)
+                .expect("commit");
+        } else {
+            // Visible before the copy: the views read through staging.
+            parts
+                .stage_visible(staged, last, seq * 2 + 1)
+                .expect("visible");
+            assert!(parts.overlaid());
+            assert_eq!(
+                all_rows(&parts),
+                all_rows(&whole),
+                "overlaid, large tx {seq}"
+            );
+            assert_eq!(parts.progress(), whole.progress());
+            parts.finish_visible().expect("copy");
+        }
+        assert!(!parts.overlaid());
         assert_eq!(all_rows(&parts), all_rows(&whole), "after large tx {seq}");
         assert_eq!(parts.progress(), whole.progress());
         assert_eq!(
