@@ -57,6 +57,7 @@ pub struct Agent {
     pgwire_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     ops: Arc<Operations>,
+    nats: Option<async_nats::Client>,
 }
 
 impl Agent {
@@ -129,6 +130,7 @@ impl Agent {
             shutdown_rx.clone(),
         );
         let ops = Arc::new(Operations::new(store.clone(), config.name.clone(), replays));
+        let nats = client.as_ref().ok().cloned();
         if let Ok(client) = client {
             let subject =
                 crate::control::control_subject(&config.nats.subject_prefix, &config.name);
@@ -147,7 +149,15 @@ impl Agent {
             pgwire_addr,
             metrics_addr,
             ops,
+            nats,
         })
+    }
+
+    /// True while the agent's NATS connection is up (it reconnects by itself).
+    pub fn nats_connected(&self) -> bool {
+        self.nats
+            .as_ref()
+            .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected)
     }
 
     /// The store, for reads.

@@ -772,8 +772,11 @@ async fn views_answer_with_postgres_and_nats_down() -> Result<()> {
 
     env.pg.stop().await?;
     env.nats.stop().await?;
-    // Give the agent and the reader time to notice.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The agent has noticed: its views answer while it is cut off, not before.
+    testkit::until(CATCH_UP, "the agent to see NATS gone", || async {
+        (!agent.nats_connected()).then_some(())
+    })
+    .await?;
 
     assert_views_equal(agent.store(), &want)?;
     for v in VIEWS {
