@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
@@ -11,6 +12,9 @@ use cdc::envelope::Op;
 use common::{Env, Received};
 
 const SCHEMA: &str = "CREATE TABLE w (id bigint PRIMARY KEY, tx int NOT NULL, k int NOT NULL)";
+
+/// Longest wait for the workload or the reader to make the progress a fault waits for.
+const PROGRESS: Duration = Duration::from_secs(60);
 
 /// One expected event: operation and row id.
 type Expected = (Op, i64);
@@ -34,13 +38,30 @@ fn transaction(i: i64) -> (String, Vec<Expected>) {
 
 /// Runs transactions `from..=to` on one connection; returns the events of those that committed.
 async fn workload(sql: &tokio_postgres::Client, from: i64, to: i64) -> Result<Vec<Expected>> {
+    workload_counted(sql, from, to, &AtomicI64::new(0)).await
+}
+
+/// [`workload`], counting committed transactions in `done` as it goes.
+async fn workload_counted(
+    sql: &tokio_postgres::Client,
+    from: i64,
+    to: i64,
+    done: &AtomicI64,
+) -> Result<Vec<Expected>> {
     let mut committed = Vec::new();
     for i in from..=to {
         let (text, events) = transaction(i);
         sql.batch_execute(&text).await?;
         committed.extend(events);
+        done.fetch_add(1, Ordering::Relaxed);
     }
     Ok(committed)
+}
+
+/// The stream's last sequence (`None` while it cannot be read).
+async fn last_seq(js: &async_nats::jetstream::Context, stream: &str) -> Option<u64> {
+    let mut s = js.get_stream(stream).await.ok()?;
+    Some(s.info().await.ok()?.state.last_sequence)
 }
 
 fn row_id(r: &Received) -> i64 {
@@ -104,15 +125,21 @@ async fn reader_killed_20_times_loses_and_duplicates_nothing() -> Result<()> {
     let mut reader = env.start_reader().await?;
     let sql = env.sql().await?;
     let work = workload(&sql, 1, TRANSACTIONS);
+    let js = env.jetstream().await?;
     let chaos = async {
-        // Deterministic pseudo-random kill moments, spread over 30..400 ms after each start.
+        // Deterministic pseudo-random kill moments: after each start, once the reader has
+        // published 1..=600 more messages (so every restart makes progress before the next kill).
         let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut seen = last_seq(&js, &env.stream).await.unwrap_or(0);
         for _ in 0..KILLS {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            let pause = Duration::from_millis(30 + seed % 370);
-            tokio::time::sleep(pause).await;
+            let target = seen + 1 + seed % 600;
+            seen = testkit::until(PROGRESS, "the reader to publish more", || async {
+                last_seq(&js, &env.stream).await.filter(|s| *s >= target)
+            })
+            .await?;
             reader.kill9()?;
             reader = env.start_reader().await?;
         }
@@ -135,14 +162,21 @@ async fn nats_and_postgres_restarts_lose_and_duplicate_nothing() -> Result<()> {
     // NATS killed mid-workload, restarted while the workload goes on.
     let sql = env.sql().await?;
     let nats = &mut env.nats;
+    let committed = AtomicI64::new(0);
     let nats_fault = async {
-        // Chaos timing, not a wait for a condition: the kill lands somewhere in the workload.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The kill lands after 300 transactions, and NATS stays down while 500 more commit.
+        let at_least = |n: i64| {
+            let committed = &committed;
+            testkit::until(PROGRESS, "workload progress", move || async move {
+                (committed.load(Ordering::Relaxed) >= n).then_some(())
+            })
+        };
+        at_least(300).await?;
         nats.kill9()?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        at_least(800).await?;
         nats.start_again().await
     };
-    let (done, restarted) = tokio::join!(workload(&sql, 1, 3000), nats_fault);
+    let (done, restarted) = tokio::join!(workload_counted(&sql, 1, 3000, &committed), nats_fault);
     expected.extend(done?);
     restarted?;
 

@@ -157,13 +157,25 @@ async fn kill9_during_large_transactions_loses_and_duplicates_nothing() -> Resul
         ]);
         last = publish_transaction(&h.js, &small).await?;
     }
-    // Kill points spread over the whole apply: staging, marking, copying, clearing.
-    let kill_after_ms = [150u64, 400, 700, 250, 900, 1_300, 500, 2_000];
-    for (i, ms) in kill_after_ms.iter().enumerate() {
-        let mut agent = testkit::spawn_logged(agent_cmd(&config), &format!("view-agent#{i}"))?;
+    // Kill points by what the agent logs: at once after start (staging the first parts, or
+    // finishing a copy on open), as a transaction became visible (during its copy, readers on
+    // the overlay), and as a copy ended (clearing staging, staging the next one).
+    let kill_at = [
+        "view-agent ready",
+        "large transaction visible",
+        "large transaction copied",
+        "view-agent ready",
+        "large transaction visible",
+        "large transaction copied",
+        "view-agent ready",
+        "large transaction visible",
+    ];
+    for (i, needle) in kill_at.iter().enumerate() {
+        let mut cmd = agent_cmd(&config);
+        cmd.env("RUST_LOG", "warn,consumers::store::staging=info");
+        let mut agent = testkit::spawn_logged(cmd, &format!("view-agent#{i}"))?;
         agent.wait_for_output("view-agent ready", WAIT).await?;
-        // Not a wait for a condition: the moment of the kill is the point of the test.
-        tokio::time::sleep(Duration::from_millis(*ms)).await;
+        agent.wait_for_output(needle, WAIT).await?;
         agent.kill9()?;
     }
     let mut agent = testkit::spawn_logged(agent_cmd(&config), "view-agent-final")?;
