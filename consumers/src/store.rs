@@ -1000,14 +1000,7 @@ impl ViewStore {
             return Ok(());
         };
         let new_seq = new_seq.max(before.applied_seq);
-        let mut pending = Pending {
-            tree: &self.tree,
-            staged: None,
-            writes: BTreeMap::new(),
-            touched: Vec::new(),
-            touched_all: false,
-            kinds: Vec::new(),
-        };
+        let mut pending = Pending::over(&self.tree);
         let mut new_stale: Vec<(usize, Option<String>)> = Vec::new();
         let mut max_lsn = before.applied_lsn;
         let mut scratch = Scratch::default();
@@ -1018,15 +1011,9 @@ impl ViewStore {
                     .map_err(|e| self.pending_err(e))?;
             }
         }
+        let mut batch = pending.batch();
         let (touched, touched_all) = (pending.touched, pending.touched_all);
         let new_kinds = self.merge_kinds(&pending.kinds);
-        let mut batch = sled::Batch::default();
-        for (k, v) in pending.writes {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
         let lsn = (!txs.is_empty()).then_some(max_lsn);
         for (k, v) in self.meta_writes(new_seq, lsn, &new_kinds, &new_stale) {
             match v {
@@ -1482,26 +1469,15 @@ impl ViewStore {
         events: &[ChangeEvent],
     ) -> Result<Result<(), String>, StoreError> {
         let (schema, table) = shadow.source();
-        let mut pending = Pending {
-            tree: &self.tree,
-            staged: None,
-            writes: BTreeMap::new(),
-            touched: Vec::new(),
-            touched_all: false,
-            kinds: Vec::new(),
-        };
+        let mut pending = Pending::over(&self.tree);
         let mut scratch = Scratch::default();
-        let to_store = |e: PendingError| match e {
-            PendingError::Sled(s) => self.sled_err(s),
-            PendingError::Corrupt(m) => StoreError::Corrupt(m),
-        };
         for ev in events {
             if ev.source.schema != schema || ev.source.table != table {
                 continue;
             }
             if let Err(reason) =
                 apply_to_view(&shadow.view, usize::MAX, &mut pending, ev, &mut scratch)
-                    .map_err(to_store)?
+                    .map_err(|e| self.pending_err(e))?
             {
                 return Ok(Err(reason));
             }
@@ -1510,13 +1486,7 @@ impl ViewStore {
         for (_, col, bit) in &pending.kinds {
             kinds[*col] |= bit;
         }
-        let mut batch = sled::Batch::default();
-        for (k, v) in pending.writes {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
+        let batch = pending.batch();
         self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
         shadow.view.set_kinds(&kinds);
         Ok(Ok(()))
@@ -1634,21 +1604,11 @@ impl ViewStore {
         for row in put {
             events.push(event(Op::Read, None, Some(row.clone())));
         }
-        let mut pending = Pending {
-            tree: &self.tree,
-            staged: None,
-            writes: BTreeMap::new(),
-            touched: Vec::new(),
-            touched_all: false,
-            kinds: Vec::new(),
-        };
+        let mut pending = Pending::over(&self.tree);
         let mut scratch = Scratch::default();
         for ev in &events {
-            let applied =
-                apply_to_view(v, index, &mut pending, ev, &mut scratch).map_err(|e| match e {
-                    PendingError::Sled(s) => self.sled_err(s),
-                    PendingError::Corrupt(m) => StoreError::Corrupt(m),
-                })?;
+            let applied = apply_to_view(v, index, &mut pending, ev, &mut scratch)
+                .map_err(|e| self.pending_err(e))?;
             if let Err(reason) = applied {
                 return Err(QueryError::BadRow {
                     view: v.name().to_owned(),
@@ -1660,13 +1620,7 @@ impl ViewStore {
         for (_, col, bit) in &pending.kinds {
             kinds[*col] |= bit;
         }
-        let mut batch = sled::Batch::default();
-        for (k, val) in pending.writes {
-            match val {
-                Some(val) => batch.insert(k, val),
-                None => batch.remove(k),
-            }
-        }
+        let mut batch = pending.batch();
         batch.insert(meta_key(META_KINDS, v.name()), kinds.as_slice());
         let _gate = self
             .read_gate
@@ -1849,7 +1803,31 @@ struct Pending<'a> {
     kinds: Vec<(usize, usize, u8)>,
 }
 
-impl Pending<'_> {
+impl<'a> Pending<'a> {
+    /// Nothing pending yet, reading through to `tree`.
+    fn over(tree: &'a sled::Tree) -> Pending<'a> {
+        Pending {
+            tree,
+            staged: None,
+            writes: BTreeMap::new(),
+            touched: Vec::new(),
+            touched_all: false,
+            kinds: Vec::new(),
+        }
+    }
+
+    /// The pending writes as a sled batch for the views' tree (the rest stays).
+    fn batch(&mut self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (k, v) in std::mem::take(&mut self.writes) {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        batch
+    }
+
     fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, PendingError> {
         if let Some(v) = self.writes.get(k) {
             return Ok(v.clone());

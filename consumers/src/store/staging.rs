@@ -28,7 +28,6 @@
 //! were not yet durable.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
 use std::iter::Peekable;
 use std::sync::atomic::Ordering::Release;
 use std::sync::PoisonError;
@@ -267,14 +266,10 @@ impl ViewStore {
         events: &[ChangeEvent],
     ) -> Result<sled::Batch, StoreError> {
         let mut pending = Pending {
-            tree: &self.tree,
             staged: Some(&self.staging),
-            writes: BTreeMap::new(),
-            touched: Vec::new(),
-            // The commit clears the whole read cache.
-            touched_all: true,
             // Kinds already seen by earlier parts are not recorded again.
             kinds: std::mem::take(&mut staged.kinds),
+            ..Pending::over(&self.tree)
         };
         let mut scratch = Scratch::default();
         for ev in events {
