@@ -26,7 +26,7 @@ async fn readers_never_see_half_a_transaction() -> Result<()> {
         Change::Upsert(1, 11, "b".into(), 2),
         Change::Upsert(2, 50, "m".into(), 1),
     ]);
-    let mut last = publish_transaction(&h.js, &tx).await?;
+    let last = publish_transaction(&h.js, &tx).await?;
     testkit::until(WAIT, "initial rows", || async {
         (agent.store().progress().applied_seq >= last).then_some(())
     })
@@ -34,38 +34,7 @@ async fn readers_never_see_half_a_transaction() -> Result<()> {
     let start_seq = last;
 
     let done = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let js = h.js.clone();
-        let done = done.clone();
-        tokio::spawn(async move {
-            let mut i = 0u64;
-            let mut seller = 2;
-            while !done.load(Ordering::Relaxed) {
-                let tx = if i.is_multiple_of(2) {
-                    let (p10, p11) = if (i / 2).is_multiple_of(2) {
-                        (2, 1)
-                    } else {
-                        (1, 2)
-                    };
-                    src.transaction(&[
-                        Change::Upsert(1, 10, "a".into(), p10),
-                        Change::Upsert(1, 11, "b".into(), p11),
-                    ])
-                } else {
-                    let to = if seller == 2 { 3 } else { 2 };
-                    let tx = src.transaction(&[
-                        Change::Delete(seller, 50),
-                        Change::Upsert(to, 50, "m".into(), 1),
-                    ]);
-                    seller = to;
-                    tx
-                };
-                last = publish_transaction(&js, &tx).await?;
-                i += 1;
-            }
-            anyhow::Ok((last, src))
-        })
-    };
+    let writer = spawn_swap_and_move_writer(h.js.clone(), src, last, done.clone());
     let mut readers = Vec::new();
     for r in 0..READERS {
         readers.push(tokio::spawn(async move {

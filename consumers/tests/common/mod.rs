@@ -118,6 +118,45 @@ column_types = {{ seller_id = "int8", client_id = "int8", position = "int4" }}
     }
 }
 
+/// Publishes transactions until `done`: even ones swap the positions of seller 1's clients 10
+/// and 11, odd ones move client 50 between sellers 2 and 3 (delete + insert). Returns the last
+/// sequence published (`last` if none) and the model.
+pub fn spawn_swap_and_move_writer(
+    js: jetstream::Context,
+    mut src: Source,
+    mut last: u64,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Result<(u64, Source)>> {
+    tokio::spawn(async move {
+        let mut i = 0u64;
+        let mut seller = 2;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            let tx = if i.is_multiple_of(2) {
+                let (p10, p11) = if (i / 2).is_multiple_of(2) {
+                    (2, 1)
+                } else {
+                    (1, 2)
+                };
+                src.transaction(&[
+                    Change::Upsert(1, 10, "a".into(), p10),
+                    Change::Upsert(1, 11, "b".into(), p11),
+                ])
+            } else {
+                let to = if seller == 2 { 3 } else { 2 };
+                let tx = src.transaction(&[
+                    Change::Delete(seller, 50),
+                    Change::Upsert(to, 50, "m".into(), 1),
+                ]);
+                seller = to;
+                tx
+            };
+            last = publish_transaction(&js, &tx).await?;
+            i += 1;
+        }
+        anyhow::Ok((last, src))
+    })
+}
+
 /// `view-agent run --config <config>` with warnings logged.
 pub fn agent_cmd(config: &std::path::Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_view-agent"));
