@@ -17,7 +17,6 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use testkit::{Nats, Postgres};
 use tokio::task::JoinHandle;
 
 use crate::pipeline::{self, AgentView, Binaries, CpuMeter, MachineMeter};
@@ -188,30 +187,22 @@ struct RowId {
 
 /// Runs row 2. Returns the report and the latency distributions (for the chart).
 pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<Series>)> {
-    let pg = Postgres::start().await?;
-    let nats = Nats::start().await?;
-    let db = pg.create_database("latency").await?;
-    let sql = pg.connect(&db).await?;
-    sql.batch_execute(
+    let pipeline::Streaming {
+        pg,
+        nats,
+        db,
+        sql,
+        dir,
+        mut reader,
+        js,
+    } = pipeline::start_streaming(
+        bins,
+        "latency",
         "CREATE TABLE lat (id bigint PRIMARY KEY, seller_id int NOT NULL, name text NOT NULL, position int NOT NULL)",
+        "lat",
     )
     .await?;
-    let dir = tempfile::tempdir()?;
-    let config = pipeline::write_reader_config(
-        dir.path(),
-        &pg.url(&db),
-        &nats.url(),
-        "lat",
-        "initial = false",
-    )?;
-    let mut reader = bins.spawn_reader(&config)?;
-    let client = async_nats::connect(nats.url()).await?;
-    let js = jetstream::new(client.clone());
-    let stream = testkit::until(Duration::from_secs(60), "the reader's stream", || async {
-        js.get_stream(pipeline::STREAM).await.ok()
-    })
-    .await
-    .with_context(|| reader.describe())?;
+    let stream = js.get_stream(pipeline::STREAM).await?;
     let port = testkit::free_port();
     let agent_config = pipeline::write_agent_config(
         dir.path(),

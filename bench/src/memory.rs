@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
-use testkit::{Nats, Postgres};
 
 use cdc::envelope::{ChangeEvent, Op, Source, TransactionInfo};
 use cdc::Lsn;
@@ -152,31 +151,23 @@ async fn measure_store_floor(rows: u64) -> Result<u64> {
 
 /// Runs row 6 with one transaction of `rows` rows.
 pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
-    let pg = Postgres::start().await?;
-    let nats = Nats::start().await?;
-    let db = pg.create_database("memory").await?;
-    let sql = pg.connect(&db).await?;
-    sql.batch_execute(
+    // Every field bound: the servers stop when their handles drop.
+    let pipeline::Streaming {
+        pg: _pg,
+        nats,
+        db: _db,
+        sql,
+        dir,
+        mut reader,
+        js,
+    } = pipeline::start_streaming(
+        bins,
+        "memory",
         "CREATE TABLE big (id bigint PRIMARY KEY, seller_id int NOT NULL, name text NOT NULL,
                            logo_url text, position int NOT NULL, updated_at timestamptz NOT NULL)",
+        "big",
     )
     .await?;
-    let dir = tempfile::tempdir()?;
-    let reader_config = pipeline::write_reader_config(
-        dir.path(),
-        &pg.url(&db),
-        &nats.url(),
-        "big",
-        "initial = false",
-    )?;
-    let mut reader = bins.spawn_reader(&reader_config)?;
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
-    // The reader is streaming once it has created the stream.
-    testkit::until(Duration::from_secs(60), "the reader's stream", || async {
-        js.get_stream(pipeline::STREAM).await.ok()
-    })
-    .await
-    .with_context(|| reader.describe())?;
     let port = testkit::free_port();
     let agent_config = pipeline::write_agent_config(
         dir.path(),

@@ -78,6 +78,64 @@ impl Binaries {
     }
 }
 
+/// Private servers, a database holding one table, and the `cdc` binary streaming it (no
+/// initial snapshot).
+pub struct Streaming {
+    /// The Postgres cluster.
+    pub pg: testkit::Postgres,
+    /// The NATS server.
+    pub nats: testkit::Nats,
+    /// The database's name.
+    pub db: String,
+    /// A connection to it.
+    pub sql: tokio_postgres::Client,
+    /// Where the configs live.
+    pub dir: tempfile::TempDir,
+    /// The reader process.
+    pub reader: ChildProcess,
+    /// JetStream on the NATS server.
+    pub js: async_nats::jetstream::Context,
+}
+
+/// Starts [`Streaming`]: database `db`, `public.<table>` created by `create_table`, and the
+/// reader streaming it once it has created the stream.
+pub async fn start_streaming(
+    bins: &Binaries,
+    db: &str,
+    create_table: &str,
+    table: &str,
+) -> Result<Streaming> {
+    let pg = testkit::Postgres::start().await?;
+    let nats = testkit::Nats::start().await?;
+    let db = pg.create_database(db).await?;
+    let sql = pg.connect(&db).await?;
+    sql.batch_execute(create_table).await?;
+    let dir = tempfile::tempdir()?;
+    let config = write_reader_config(
+        dir.path(),
+        &pg.url(&db),
+        &nats.url(),
+        table,
+        "initial = false",
+    )?;
+    let reader = bins.spawn_reader(&config)?;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    testkit::until(Duration::from_secs(60), "the reader's stream", || async {
+        js.get_stream(STREAM).await.ok()
+    })
+    .await
+    .with_context(|| reader.describe())?;
+    Ok(Streaming {
+        pg,
+        nats,
+        db,
+        sql,
+        dir,
+        reader,
+        js,
+    })
+}
+
 /// Writes a reader config for one table `public.<table>` into `dir`; returns its path.
 pub fn write_reader_config(
     dir: &Path,
