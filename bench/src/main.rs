@@ -117,6 +117,8 @@ struct Results<'a> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // As in the binaries it measures (and in the store-alone process beside the agent).
+    let _ = cdc::memory::disable_transparent_huge_pages();
     if let Some(rows) = cli.store_floor {
         return match memory::store_floor(rows) {
             Ok(()) => ExitCode::SUCCESS,

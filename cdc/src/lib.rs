@@ -10,6 +10,7 @@ pub mod config;
 pub mod envelope;
 pub mod events;
 pub mod lsn;
+pub mod memory;
 pub mod metrics;
 pub mod nats_url;
 pub mod observe;

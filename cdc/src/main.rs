@@ -91,6 +91,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if let Err(e) = cdc::memory::disable_transparent_huge_pages() {
+        tracing::debug!(error = %e, "transparent huge pages stay enabled for this process");
+    }
     // One thread: the reader is one pipeline task plus the NATS and Postgres connection tasks
     // it hands messages to. On a multi-threaded runtime every hand-over wakes another thread
     // (futex, context switch, cache lines moving between cores): the reader bench measured

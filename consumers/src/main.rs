@@ -108,6 +108,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if let Err(e) = cdc::memory::disable_transparent_huge_pages() {
+        tracing::debug!(error = %e, "transparent huge pages stay enabled for this process");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
