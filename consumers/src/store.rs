@@ -562,6 +562,8 @@ pub struct ViewStore {
     /// Staging is laid over the views for readers: a large transaction that is visible while
     /// it is copied in (see [`staging`]). Changed only under the exclusive gate.
     overlay: std::sync::atomic::AtomicBool,
+    /// Moves of a large transaction's keys from staging into the views, for readers.
+    moves: staging::Moves,
     cache: ReadCache,
     stale: Mutex<Vec<Option<String>>>,
     progress: watch::Sender<Progress>,
@@ -762,6 +764,7 @@ impl ViewStore {
             by_table,
             read_gate: RwLock::new(()),
             overlay: std::sync::atomic::AtomicBool::new(false),
+            moves: staging::Moves::default(),
             cache: ReadCache::new(options.read_cache_rows),
             stale: Mutex::new(stale),
             progress: watch::Sender::new(progress),
@@ -1259,47 +1262,23 @@ impl ViewStore {
             }
         }
         let mut values = Vec::new();
-        let mut truncated = false;
-        let as_of = {
+        let (as_of, truncated) = {
             let _gate = self.gate();
-            // Under the gate: the key kinds match the rows being read.
-            let disjoint = v.lookup_prefixes(keys)?;
-            'outer: for p in &disjoint {
-                if use_cache {
-                    if let Some(hit) = self.cache.get(p) {
-                        for val in hit.iter() {
-                            if values.len() >= limit {
-                                truncated = true;
-                                break 'outer;
-                            }
-                            values.push(val.clone());
-                        }
-                        continue;
-                    }
-                }
-                let first = values.len();
-                let mut complete = true;
-                let staged = self
-                    .overlay
-                    .load(std::sync::atomic::Ordering::Acquire)
-                    .then_some(&self.staging);
-                for item in staging::rows(&self.tree, staged, p) {
-                    let val = item.map_err(|e| self.pending_err(e))?;
-                    if values.len() >= limit {
-                        truncated = true;
-                        complete = false;
-                        break;
-                    }
-                    values.push(val);
-                }
-                if use_cache && complete {
-                    self.cache.insert(p.clone(), &values[first..]);
-                }
-                if truncated {
-                    break;
-                }
+            // Through the overlay (a large transaction being copied in), the cache is neither
+            // filled nor read (it was emptied when the transaction became visible), and a read
+            // that raced a move of keys from staging into the views is read again with moves
+            // held off (see `staging::Moves`).
+            let overlaid = self.overlay.load(std::sync::atomic::Ordering::Acquire);
+            let moves_before = overlaid.then(|| self.moves.started());
+            let staged = overlaid.then_some(&self.staging);
+            let cache = use_cache && !overlaid;
+            let mut truncated = self.read_prefixes(v, keys, limit, cache, staged, &mut values)?;
+            if moves_before.is_some_and(|before| self.moves.started() != before) {
+                let _no_moves = self.moves.hold_off();
+                values.clear();
+                truncated = self.read_prefixes(v, keys, limit, cache, staged, &mut values)?;
             }
-            self.progress()
+            (self.progress(), truncated)
         };
         Ok(RawRead {
             view: v,
@@ -1308,6 +1287,46 @@ impl ViewStore {
             stale,
             truncated,
         })
+    }
+
+    /// The stored values of `view`'s rows under `keys` (see [`ViewStore::read`]) into `values`,
+    /// at most `limit`; whether there were more. Called under the read gate. `cache`: read and
+    /// fill the read cache; `staged`: lay this staging tree over the views.
+    fn read_prefixes(
+        &self,
+        v: &View,
+        keys: &[Vec<Value>],
+        limit: usize,
+        cache: bool,
+        staged: Option<&sled::Tree>,
+        values: &mut Vec<sled::IVec>,
+    ) -> Result<bool, QueryError> {
+        // Under the gate: the key kinds match the rows being read.
+        for p in &v.lookup_prefixes(keys)? {
+            if cache {
+                if let Some(hit) = self.cache.get(p) {
+                    for val in hit.iter() {
+                        if values.len() >= limit {
+                            return Ok(true);
+                        }
+                        values.push(val.clone());
+                    }
+                    continue;
+                }
+            }
+            let first = values.len();
+            for item in staging::rows(&self.tree, staged, p) {
+                let val = item.map_err(|e| self.pending_err(e))?;
+                if values.len() >= limit {
+                    return Ok(true);
+                }
+                values.push(val);
+            }
+            if cache {
+                self.cache.insert(p.clone(), &values[first..]);
+            }
+        }
+        Ok(false)
     }
 
     /// All rows of `view` in key order, at most `limit`, read at one applied point.

@@ -11,27 +11,33 @@
 //! and the [`MARKER`]. From that batch on, the transaction is durable as a whole. The store
 //! flushes, then makes it visible at once: under the exclusive read gate it turns the overlay
 //! on (queries read the views with staging laid over them, [`rows`]) and publishes the new
-//! progress. It then copies staging into the views in bounded batches while queries go on
-//! (views + staging is the new state throughout: staging holds final values), turns the
-//! overlay off under the gate, flushes, removes the marker and clears staging.
+//! progress. It then moves staging into the views in bounded batches while queries go on:
+//! each batch is written into the views, then its keys leave staging, so views + staging is
+//! the new state throughout (staging holds final values) and the store never holds the
+//! transaction twice ([`Moves`] covers queries that race a move). Then it turns the overlay
+//! off under the gate, flushes and removes the marker.
 //!
 //! # Crash safety
 //! - Staging without the marker holds an incomplete transaction that the stream still holds in
 //!   full after the applied sequence: it is discarded on open, and when a new session starts
 //!   the transaction over (its first part says so).
-//! - Staging with the marker is copied again on open, before anything is served: copying is
+//! - Staging with the marker is moved on open, before anything is served: what a crash left
+//!   in it (keys leave staging only after the views hold them) is copied again, which is
 //!   idempotent because staging holds final values, and no later transaction was applied (the
 //!   applier finishes one commit before it starts the next).
 //!
 //! The flush between the marker and the copy keeps a crash from leaving copied rows without a
 //! durable marker; the flush after the copy keeps the marker's removal from outliving rows that
-//! were not yet durable.
+//! were not yet durable. Within the copy no flush is needed: sled recovers a prefix of its one
+//! log, so the removal of keys from staging is never durable without the views' batch written
+//! before it.
 
 use std::cmp::Ordering;
 use std::iter::Peekable;
-use std::sync::atomic::Ordering::Release;
-use std::sync::PoisonError;
-use std::time::Instant;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Release, SeqCst};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use cdc::envelope::ChangeEvent;
 use cdc::Lsn;
@@ -174,25 +180,96 @@ struct MarkedTx {
     watermark: Lsn,
 }
 
-/// Copies every staged entry into `tree` in batches of [`COPY_CHUNK`]; returns how many.
-fn copy(staging: &sled::Tree, tree: &sled::Tree) -> Result<usize, PendingError> {
-    let mut batch = sled::Batch::default();
-    let (mut in_batch, mut copied) = (0, 0);
+/// Moves every staged entry into `tree` in batches of [`COPY_CHUNK`]; returns how many, and
+/// the longest one move of keys out of staging took (what a query that raced it waited).
+///
+/// Each batch goes into the views first, then the same keys leave staging, so staging shrinks
+/// while the views grow: the store never holds the transaction twice (sled's resident memory
+/// grows with the entries it holds, not only with its page cache). Views + staging stays the
+/// new state at every point: a key is in staging until the views hold its final value, and a
+/// crash between the two batches leaves keys that the next open moves again (idempotent).
+///
+/// `moves`: when queries are being answered through the overlay (see [`Moves`]).
+fn copy(
+    staging: &sled::Tree,
+    tree: &sled::Tree,
+    moves: Option<&Moves>,
+) -> Result<(usize, Duration), PendingError> {
+    let mut chunk = Chunk::default();
+    let (mut copied, mut longest_move) = (0, Duration::ZERO);
     for item in staging.range(..MARKER) {
         let (k, entry) = item?;
         match decode(&entry)? {
-            Some(v) => batch.insert(k, v),
-            None => batch.remove(k),
+            Some(v) => chunk.into_views.insert(k.clone(), v),
+            None => chunk.into_views.remove(k.clone()),
         }
-        in_batch += 1;
+        chunk.out_of_staging.remove(k);
+        chunk.len += 1;
         copied += 1;
-        if in_batch == COPY_CHUNK {
-            tree.apply_batch(std::mem::take(&mut batch))?;
-            in_batch = 0;
+        if chunk.len == COPY_CHUNK {
+            let waited = std::mem::take(&mut chunk).apply(staging, tree, moves)?;
+            longest_move = longest_move.max(waited);
         }
     }
-    tree.apply_batch(batch)?;
-    Ok(copied)
+    longest_move = longest_move.max(chunk.apply(staging, tree, moves)?);
+    Ok((copied, longest_move))
+}
+
+/// Moves of staged keys into the views, as seen by queries reading through the overlay.
+///
+/// A query merges a scan of the views with a scan of staging. If a key's value reached the
+/// views after the query's scan of the views passed it, and left staging before its scan of
+/// staging got there, the query would miss the new value. Every move (removal of a batch of
+/// keys from staging, after the views hold them) is counted when it starts, so a query that
+/// saw the count change while it read may have raced one: it reads again with moves held off.
+/// Queries that raced nothing (nearly all: a move starts every few milliseconds, a query
+/// takes microseconds) never wait.
+#[derive(Debug, Default)]
+pub(super) struct Moves {
+    started: AtomicU64,
+    lock: RwLock<()>,
+}
+
+impl Moves {
+    /// How many moves have started.
+    pub(super) fn started(&self) -> u64 {
+        self.started.load(SeqCst)
+    }
+
+    /// No move starts while this is held.
+    pub(super) fn hold_off(&self) -> RwLockReadGuard<'_, ()> {
+        self.lock.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Held while a move runs.
+    fn begin(&self) -> RwLockWriteGuard<'_, ()> {
+        let held = self.lock.write().unwrap_or_else(PoisonError::into_inner);
+        self.started.fetch_add(1, SeqCst);
+        held
+    }
+}
+
+/// One batch of [`copy`].
+#[derive(Default)]
+struct Chunk {
+    into_views: sled::Batch,
+    out_of_staging: sled::Batch,
+    len: usize,
+}
+
+impl Chunk {
+    fn apply(
+        self,
+        staging: &sled::Tree,
+        tree: &sled::Tree,
+        moves: Option<&Moves>,
+    ) -> Result<Duration, PendingError> {
+        tree.apply_batch(self.into_views)?;
+        let _move = moves.map(Moves::begin);
+        let held = Instant::now();
+        staging.apply_batch(self.out_of_staging)?;
+        Ok(held.elapsed())
+    }
 }
 
 /// Ends staging after a copy: the copy durable first, then the marker gone, then the rest.
@@ -210,7 +287,7 @@ pub(super) fn recover(
     staging: &sled::Tree,
 ) -> Result<(), PendingError> {
     if staging.contains_key(MARKER)? {
-        let copied = copy(staging, tree)?;
+        let (copied, _) = copy(staging, tree, None)?;
         tracing::info!(
             entries = copied,
             "finished making a large transaction visible (interrupted by a crash)"
@@ -371,7 +448,8 @@ impl ViewStore {
     /// see stays whole) and is finished on the next open.
     fn copy_in(&self, events: usize) -> Result<(), StoreError> {
         let started = Instant::now();
-        let copied = copy(&self.staging, &self.tree).map_err(|e| self.pending_err(e))?;
+        let (copied, longest_move) =
+            copy(&self.staging, &self.tree, Some(&self.moves)).map_err(|e| self.pending_err(e))?;
         {
             let _gate = self
                 .read_gate
@@ -385,6 +463,7 @@ impl ViewStore {
             events,
             entries = copied,
             copy = ?started.elapsed(),
+            longest_move = ?longest_move,
             "large transaction copied into the views"
         );
         Ok(())

@@ -648,6 +648,90 @@ fn reopening_discards_incomplete_staging_and_finishes_a_complete_one() {
     assert_eq!((all_rows(&s), s.progress()), full);
 }
 
+/// While a visible large transaction is moved from staging into the views, queries (lookups
+/// and scans, from two threads) read its rows and never a row it replaced: a key leaves
+/// staging only after the views hold its new value, and a query that raced a move reads again.
+#[test]
+fn queries_during_the_copy_read_the_transaction_never_what_it_replaced() {
+    const SELLERS: i64 = 2_000;
+    const CLIENTS: i64 = 10;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path());
+    let rows = |name: &str| -> Vec<ChangeEvent> {
+        (0..SELLERS)
+            .flat_map(|seller| (0..CLIENTS).map(move |c| (seller, c)))
+            .map(|(seller, c)| {
+                ev(
+                    if name == "old" {
+                        Op::Create
+                    } else {
+                        Op::Update
+                    },
+                    if name == "old" { 10 } else { 20 },
+                    None,
+                    Some(client(seller, c, name, 1)),
+                )
+            })
+            .collect()
+    };
+    s.apply(&[tx(1, rows("old"))]).expect("apply");
+    let new = rows("new");
+    let mut staged = StagedTx::default();
+    let (head, last) = new.split_at(new.len() - 100);
+    for part in head.chunks(1_000) {
+        s.stage(&mut staged, part).expect("stage");
+    }
+    s.stage_visible(staged, last, 2).expect("visible");
+    let copying = std::sync::atomic::AtomicBool::new(true);
+    let all_new = |rows: &[Row]| rows.iter().all(|r| r.get("name") == Some(&json!("new")));
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = (0..2)
+            .map(|t| {
+                let (s, copying) = (&s, &copying);
+                scope.spawn(move || {
+                    let mut reads = 0u64;
+                    let mut seller = t;
+                    while copying.load(std::sync::atomic::Ordering::Acquire) || reads < 100 {
+                        seller = (seller * 31 + 7) % SELLERS;
+                        let got = s
+                            .get("top_clients_by_seller", &[json!(seller)])
+                            .expect("get");
+                        assert_eq!(got.len(), CLIENTS as usize, "seller {seller}");
+                        assert!(
+                            all_new(&got),
+                            "seller {seller} read a replaced row: {got:?}"
+                        );
+                        if reads.is_multiple_of(500) {
+                            let all = s.scan("top_clients_by_seller", usize::MAX, false);
+                            let all = all.expect("scan").rows;
+                            assert_eq!(all.len(), (SELLERS * CLIENTS) as usize);
+                            assert!(all_new(&all), "a scan read a replaced row");
+                        }
+                        reads += 1;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        s.finish_visible().expect("copy");
+        copying.store(false, std::sync::atomic::Ordering::Release);
+        for r in readers {
+            assert!(r.join().expect("reader") > 0);
+        }
+    });
+    assert!(!s.overlaid());
+    assert!(
+        s.staging.iter().next().is_none(),
+        "staging is empty after the copy"
+    );
+    let all = s
+        .scan("top_clients_by_seller", usize::MAX, false)
+        .expect("scan")
+        .rows;
+    assert_eq!(all.len(), (SELLERS * CLIENTS) as usize);
+    assert!(all_new(&all));
+}
+
 /// The read cache never changes an answer: the same random workload applied to a store with
 /// the cache and one without, with lookups between batches (filling the cache), always reads
 /// the same, for a key inside the primary key and a key outside it.
