@@ -117,9 +117,10 @@ struct Results<'a> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // As in the binaries it measures (and in the store-alone process beside the agent).
-    let _ = cdc::memory::disable_transparent_huge_pages();
     if let Some(rows) = cli.store_floor {
+        // As the agent does. Only here: the flag is inherited by child processes, and the
+        // servers and ceilings the other rows start must run as the machine has them.
+        let _ = cdc::memory::disable_transparent_huge_pages();
         return match memory::store_floor(rows) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
