@@ -141,24 +141,63 @@ impl Env {
     ) -> Result<Vec<Received>> {
         let js = self.jetstream().await?;
         let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = |have: usize| {
+            anyhow::anyhow!("timed out after {timeout:?} waiting for {count} events; have {have}")
+        };
+        // The reader creates the stream when it starts.
+        let stream = testkit::until(timeout, "the stream", || async {
+            js.get_stream(&self.stream).await.ok()
+        })
+        .await?;
+        let heartbeat = format!("{}._heartbeat", self.prefix);
         let mut events: Vec<Received> = Vec::new();
         let mut next_seq = 1;
-        loop {
-            let batch = read_from(&js, &self.stream, &self.prefix, next_seq).await?;
-            if let Some(last) = batch.last_seq {
-                next_seq = last + 1;
+        let mut drain_to: Option<u64> = None;
+        // Follows the stream (messages arrive as they are published); a consumer that fails
+        // (NATS restarted by a fault test) is created again from the next sequence.
+        'consumer: loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let consumer = testkit::until_ok(remaining, "an ordered consumer", || {
+                stream.create_consumer(consumer::pull::OrderedConfig {
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: next_seq,
+                    },
+                    ..Default::default()
+                })
+            })
+            .await
+            .map_err(|e| timed_out(events.len()).context(e))?;
+            let mut messages = consumer.messages().await?;
+            loop {
+                let msg = match tokio::time::timeout_at(deadline, messages.next()).await {
+                    Err(_) => return Err(timed_out(events.len())),
+                    Ok(Some(Ok(msg))) => msg,
+                    Ok(_) => continue 'consumer,
+                };
+                let seq = msg
+                    .info()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .stream_sequence;
+                next_seq = seq + 1;
+                if let Some(r) = received(&js, &self.stream, &heartbeat, seq, &msg).await? {
+                    if keep(&r) {
+                        events.push(r);
+                    }
+                }
+                if events.len() >= count {
+                    // Enough: return what the stream holds now, like a read of it would.
+                    let end = match drain_to {
+                        Some(end) => end,
+                        None => {
+                            let info = js.get_stream(&self.stream).await?;
+                            *drain_to.insert(info.cached_info().state.last_sequence)
+                        }
+                    };
+                    if next_seq > end {
+                        return Ok(events);
+                    }
+                }
             }
-            events.extend(batch.events.into_iter().filter(|r| keep(r)));
-            if events.len() >= count {
-                return Ok(events);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                anyhow::bail!(
-                    "timed out after {timeout:?} waiting for {count} events; have {}",
-                    events.len()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -205,44 +244,59 @@ pub async fn read_from(
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .stream_sequence;
         last_seq = Some(seq);
-        if msg.subject.as_str() != heartbeat {
-            let headers: HashMap<String, String> = msg
-                .headers
-                .iter()
-                .flat_map(|h| h.iter())
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        v.first()
-                            .map(|x| x.as_str().to_string())
-                            .unwrap_or_default(),
-                    )
-                })
-                .collect();
-            let body = match headers.get(HEADER_LARGE_REF) {
-                Some(name) => {
-                    let store = js.get_object_store(format!("{stream}_LARGE")).await?;
-                    let mut obj = store.get(name).await?;
-                    let mut buf = Vec::new();
-                    obj.read_to_end(&mut buf).await?;
-                    buf
-                }
-                None => msg.payload.to_vec(),
-            };
-            let event: ChangeEvent = serde_json::from_slice(&body)
-                .with_context(|| format!("event at seq {seq} does not parse"))?;
-            events.push(Received {
-                seq,
-                subject: msg.subject.to_string(),
-                headers,
-                event,
-            });
+        if let Some(r) = received(js, stream, &heartbeat, seq, &msg).await? {
+            events.push(r);
         }
         if seq >= last {
             break;
         }
     }
     Ok(Batch { events, last_seq })
+}
+
+/// The event of the message at `seq` (fetched from the object store when it was too large to
+/// publish inline); `None` for a heartbeat.
+async fn received(
+    js: &jetstream::Context,
+    stream: &str,
+    heartbeat: &str,
+    seq: u64,
+    msg: &jetstream::Message,
+) -> Result<Option<Received>> {
+    if msg.subject.as_str() == heartbeat {
+        return Ok(None);
+    }
+    let headers: HashMap<String, String> = msg
+        .headers
+        .iter()
+        .flat_map(|h| h.iter())
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.first()
+                    .map(|x| x.as_str().to_string())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    let body = match headers.get(HEADER_LARGE_REF) {
+        Some(name) => {
+            let store = js.get_object_store(format!("{stream}_LARGE")).await?;
+            let mut obj = store.get(name).await?;
+            let mut buf = Vec::new();
+            obj.read_to_end(&mut buf).await?;
+            buf
+        }
+        None => msg.payload.to_vec(),
+    };
+    let event: ChangeEvent = serde_json::from_slice(&body)
+        .with_context(|| format!("event at seq {seq} does not parse"))?;
+    Ok(Some(Received {
+        seq,
+        subject: msg.subject.to_string(),
+        headers,
+        event,
+    }))
 }
 
 // ---- Helpers for the error, TLS and type tests -------------------------------------------
