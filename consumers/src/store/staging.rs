@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use cdc::envelope::ChangeEvent;
 use cdc::Lsn;
 
-use super::{Pending, PendingError, Scratch, StoreError, ViewStore};
+use super::{reclaim, Pending, PendingError, Scratch, StoreError, ViewStore};
 
 /// The sled tree holding staged writes.
 pub(super) const TREE: &str = "staging";
@@ -265,10 +265,14 @@ impl Chunk {
         moves: Option<&Moves>,
     ) -> Result<Duration, PendingError> {
         tree.apply_batch(self.into_views)?;
-        let _move = moves.map(Moves::begin);
-        let held = Instant::now();
-        staging.apply_batch(self.out_of_staging)?;
-        Ok(held.elapsed())
+        let held = {
+            let _move = moves.map(Moves::begin);
+            let held = Instant::now();
+            staging.apply_batch(self.out_of_staging)?;
+            held.elapsed()
+        };
+        reclaim(2 * self.len);
+        Ok(held)
     }
 }
 
@@ -316,7 +320,9 @@ impl ViewStore {
         let batch = self.stage_part(staged, events)?;
         self.staging
             .apply_batch(batch)
-            .map_err(|e| self.sled_err(e))
+            .map_err(|e| self.sled_err(e))?;
+        reclaim(events.len());
+        Ok(())
     }
 
     /// Applies the last part of a large transaction (`last_seq`: its last stream sequence)
@@ -330,7 +336,7 @@ impl ViewStore {
         let mut batch = self.stage_part(&mut staged, events)?;
         self.fence.admit_commit(staged.max_lsn);
         let started = std::time::Instant::now();
-        let result = self.commit_admitted(&mut batch, &staged, last_seq);
+        let result = self.commit_admitted(&mut batch, events.len(), &staged, last_seq);
         self.fence.done();
         result?;
         self.record_applied(started, staged.events, staged.last_ts);
@@ -371,6 +377,7 @@ impl ViewStore {
     fn mark_complete(
         &self,
         batch: &mut sled::Batch,
+        part_events: usize,
         staged: &StagedTx,
         last_seq: u64,
     ) -> Result<MarkedTx, StoreError> {
@@ -386,6 +393,7 @@ impl ViewStore {
         self.staging
             .apply_batch(std::mem::take(batch))
             .map_err(sled_err)?;
+        reclaim(part_events);
         self.db.flush().map_err(sled_err)?;
         Ok(MarkedTx {
             new_seq,
@@ -404,16 +412,18 @@ impl ViewStore {
         last_seq: u64,
     ) -> Result<(), StoreError> {
         let mut batch = self.stage_part(&mut staged, events)?;
-        self.mark_complete(&mut batch, &staged, last_seq).map(drop)
+        self.mark_complete(&mut batch, events.len(), &staged, last_seq)
+            .map(drop)
     }
 
     fn commit_admitted(
         &self,
         batch: &mut sled::Batch,
+        part_events: usize,
         staged: &StagedTx,
         last_seq: u64,
     ) -> Result<(), StoreError> {
-        let marked = self.mark_complete(batch, staged, last_seq)?;
+        let marked = self.mark_complete(batch, part_events, staged, last_seq)?;
         self.show_staged(marked, staged);
         self.copy_in(staged.events)
     }
@@ -478,7 +488,7 @@ impl ViewStore {
         last_seq: u64,
     ) -> Result<(), StoreError> {
         let mut batch = self.stage_part(&mut staged, events)?;
-        let marked = self.mark_complete(&mut batch, &staged, last_seq)?;
+        let marked = self.mark_complete(&mut batch, events.len(), &staged, last_seq)?;
         self.show_staged(marked, &staged);
         Ok(())
     }
