@@ -239,7 +239,6 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
     let reader_peak_kib = reader
         .peak_rss_kib()
         .context("reading the reader's VmHWM")?;
-    let agent_peak_kib = agent.peak_rss_kib().context("reading the agent's VmHWM")?;
     let (queries_waited_secs, copy_secs) = testkit::until(
         Duration::from_secs(60),
         "the agent's log lines of the large transaction",
@@ -252,6 +251,9 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
         },
     )
     .await?;
+    // Read after the copy from staging: the transaction is visible before it, and the copy
+    // is part of its flow (both trees hold parts of it meanwhile).
+    let agent_peak_kib = agent.peak_rss_kib().context("reading the agent's VmHWM")?;
     pipeline::stop(&mut agent).await?;
     pipeline::stop(&mut reader).await?;
     eprintln!("  the agent's store alone holding the same rows …");
