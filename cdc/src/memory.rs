@@ -36,7 +36,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Makes mimalloc return memory to the OS as soon as it frees it (`purge_delay` 0 instead of
 /// 10 ms), for a process whose allocator is mimalloc; call it first in `main`. Measured on the
 /// benchmark's memory row: a `view-agent` taking one 1,000,000-row transaction peaked at
-/// 97–105 MB (median 99, outliers to 122) instead of 105–111 MB; its apply rate on small
+/// 96–111 MB (median 99, outliers to 122) instead of 105–111 MB; its apply rate on small
 /// transactions moved within the machine's noise (75–81k against 81–85k events/s).
 pub fn return_freed_memory_at_once() {
     // SAFETY: mi_option_set takes two integers and stores the value in mimalloc's option
