@@ -336,7 +336,7 @@ impl ViewStore {
         let mut batch = self.stage_part(&mut staged, events)?;
         self.fence.admit_commit(staged.max_lsn);
         let started = std::time::Instant::now();
-        let result = self.commit_admitted(&mut batch, events.len(), &staged, last_seq);
+        let result = self.commit_admitted(&mut batch, &staged, last_seq);
         self.fence.done();
         result?;
         self.record_applied(started, staged.events, staged.last_ts);
@@ -377,7 +377,6 @@ impl ViewStore {
     fn mark_complete(
         &self,
         batch: &mut sled::Batch,
-        part_events: usize,
         staged: &StagedTx,
         last_seq: u64,
     ) -> Result<MarkedTx, StoreError> {
@@ -393,7 +392,8 @@ impl ViewStore {
         self.staging
             .apply_batch(std::mem::take(batch))
             .map_err(sled_err)?;
-        reclaim(part_events);
+        // No reclaim here: the copy that follows reclaims after every chunk, with room to
+        // spare for what this last part replaced.
         self.db.flush().map_err(sled_err)?;
         Ok(MarkedTx {
             new_seq,
@@ -412,18 +412,16 @@ impl ViewStore {
         last_seq: u64,
     ) -> Result<(), StoreError> {
         let mut batch = self.stage_part(&mut staged, events)?;
-        self.mark_complete(&mut batch, events.len(), &staged, last_seq)
-            .map(drop)
+        self.mark_complete(&mut batch, &staged, last_seq).map(drop)
     }
 
     fn commit_admitted(
         &self,
         batch: &mut sled::Batch,
-        part_events: usize,
         staged: &StagedTx,
         last_seq: u64,
     ) -> Result<(), StoreError> {
-        let marked = self.mark_complete(batch, part_events, staged, last_seq)?;
+        let marked = self.mark_complete(batch, staged, last_seq)?;
         self.show_staged(marked, staged);
         self.copy_in(staged.events)
     }
@@ -488,7 +486,7 @@ impl ViewStore {
         last_seq: u64,
     ) -> Result<(), StoreError> {
         let mut batch = self.stage_part(&mut staged, events)?;
-        let marked = self.mark_complete(&mut batch, events.len(), &staged, last_seq)?;
+        let marked = self.mark_complete(&mut batch, &staged, last_seq)?;
         self.show_staged(marked, &staged);
         Ok(())
     }
