@@ -116,10 +116,10 @@ struct Results<'a> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
     // As the agent does, for the rows that run its library here (a setting of this process's
     // allocator, not inherited by the servers it starts).
     cdc::memory::return_freed_memory_at_once();
+    let cli = Cli::parse();
     if let Some(rows) = cli.store_floor {
         // As the agent does. Only here: the flag is inherited by child processes, and the
         // servers and ceilings the other rows start must run as the machine has them.

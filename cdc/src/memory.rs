@@ -29,6 +29,12 @@ pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
     }
 }
 
+/// Elsewhere there is nothing to opt out of.
+#[cfg(not(target_os = "linux"))]
+pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
+    Ok(())
+}
+
 /// mimalloc's `mi_option_purge_delay` (its position in the `mi_option_e` enum of mimalloc v2's
 /// `mimalloc.h`; libmimalloc-sys names only some options).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -40,18 +46,13 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// transactions moved within the machine's noise (75–81k against 81–85k events/s).
 pub fn return_freed_memory_at_once() {
     // SAFETY: mi_option_set takes two integers and stores the value in mimalloc's option
-    // table; the option index is checked against mimalloc's default in this module's test.
-    // mimalloc reads the option on each purge, so a later change takes effect from then on.
+    // table (the index is checked against mimalloc's default in this module's test). It is not
+    // synchronized, hence "first in main", before other threads start; mimalloc reads the
+    // option on each purge, so the change takes effect from then on.
     #[allow(unsafe_code)]
     unsafe {
         libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0)
     };
-}
-
-/// Elsewhere there is nothing to opt out of.
-#[cfg(not(target_os = "linux"))]
-pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
-    Ok(())
 }
 
 #[cfg(test)]

@@ -106,12 +106,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    cdc::memory::return_freed_memory_at_once();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     if let Err(e) = cdc::memory::disable_transparent_huge_pages() {
         tracing::debug!(error = %e, "transparent huge pages stay enabled for this process");
     }
-    cdc::memory::return_freed_memory_at_once();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
