@@ -29,6 +29,9 @@ use crate::store::{Shadow, ViewStore};
 const SHADOW_BATCH: usize = 2_048;
 /// With no message for this long, the rebuild checks whether it has caught up.
 const IDLE: Duration = Duration::from_millis(200);
+/// Idle waits in a row, while the stream holds messages past what the rebuild read, after
+/// which its consumer counts as stalled and is re-created (see `follow::Watchdog`): 2.4 s.
+const STALL_IDLES: u32 = 12;
 /// Timeout of one JetStream API request.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest sequence hole probed for skipped messages.
@@ -304,7 +307,9 @@ impl Rebuild {
         let (schema, table) = shadow.source();
         let table_subject = cdc::subject::table_subject(&self.nats.subject_prefix, schema, table);
         let mut buf: Vec<ChangeEvent> = Vec::new();
+        let mut watchdog = crate::follow::Watchdog::allowing(STALL_IDLES);
         'session: loop {
+            watchdog.delivered();
             let policy = match read_seq {
                 Some(s) => DeliverPolicy::ByStartSequence {
                     start_sequence: s + 1,
@@ -363,8 +368,24 @@ impl Rebuild {
                             }
                             self.store.fence().release();
                         }
+                        // Not done, and nothing came: a consumer that stopped delivering
+                        // what the stream holds is replaced (from what the rebuild read).
+                        if let Ok(Ok(info)) = tokio::time::timeout(API_TIMEOUT, stream.info()).await
+                        {
+                            let state = info.state.clone();
+                            if watchdog.quiet_tick(state.messages, state.last_sequence, read + 1)
+                                && crate::follow::holds_message(&stream, state.last_sequence).await
+                            {
+                                tracing::warn!(
+                                    seq = read + 1,
+                                    "the replay consumer delivered nothing for 2 s although the stream holds more; re-creating it"
+                                );
+                                continue 'session;
+                            }
+                        }
                     }
                     Next::Message(msg) => {
+                        watchdog.delivered();
                         let seq = msg
                             .info()
                             .map_err(|e| format!("message without JetStream info: {e}"))?
