@@ -120,6 +120,10 @@ fn main() -> ExitCode {
     // allocator, not inherited by the servers it starts).
     cdc::memory::return_freed_memory_at_once();
     let cli = Cli::parse();
+    // The in-process agent's and clients' log lines, when asked for (`RUST_LOG=warn`, …).
+    if std::env::var_os("RUST_LOG").is_some() {
+        cdc::observe::init_logging(cdc::observe::LogFormat::Text);
+    }
     if let Some(rows) = cli.store_floor {
         // As the agent does. Only here: the flag is inherited by child processes, and the
         // servers and ceilings the other rows start must run as the machine has them.
