@@ -2,7 +2,8 @@
 //! raw ordered-consumer rate of that stream (ceiling 1), (2) the agent's follow loop applying it
 //! into sled (read, decode, fold, atomic batches + position; in this process, the library the
 //! `view-agent` binary runs), and (3) the store alone applying the same transactions already
-//! decoded, without NATS (ceiling 2).
+//! decoded, without NATS (ceiling 2). From the CPU time of (1) and (3) per event follows what
+//! this machine's CPUs allow for both together, decoding free and overlap perfect (ceiling 3).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +46,27 @@ struct Outcome {
     apply_cpu_us_per_event: f64,
     apply_nats_cpu_us_per_event: f64,
     store_alone_secs: f64,
+    store_alone_cpu_us_per_event: f64,
+    /// CPUs of this machine.
+    cores: usize,
+    /// [`Outcome::cpu_bound`].
+    cpu_bound_events_per_sec: f64,
+}
+
+impl Outcome {
+    /// The rate this machine's CPUs would allow if following cost no more than its parts
+    /// measured here (the raw consumer's CPU, agent and nats-server, plus the store's alone;
+    /// decoding free) and the parts overlapped perfectly.
+    fn cpu_bound(&self) -> f64 {
+        let per_event = self.raw_consume_cpu_us_per_event
+            + self.raw_consume_nats_cpu_us_per_event
+            + self.store_alone_cpu_us_per_event;
+        if per_event > 0.0 {
+            self.cores as f64 * 1e6 / per_event
+        } else {
+            f64::INFINITY
+        }
+    }
 }
 
 fn view() -> ViewConfig {
@@ -195,34 +217,39 @@ pub async fn run(events: u64) -> Result<RowReport> {
     store.flush()?;
     drop(store);
 
-    // (3) The store alone: the same transactions, decoded beforehand, applied in batches of
-    // the agent's default size.
+    // (3) The store alone: the same transactions, decoded beforehand (all of them, so that
+    // the CPU time of this process during the applies is the store's own: applier and sled's
+    // threads), applied in batches of the agent's default size.
     eprintln!("  store alone …");
     let dir = tempfile::tempdir()?;
     let store = ViewStore::open_at(dir.path(), &[view()])?;
     let batch = ApplyConfig::default().max_batch_events as u64;
-    let mut store_alone = Duration::ZERO;
-    let mut applied = 0u64;
     let mut seq = 0u64;
-    while applied < events {
-        let end = (applied + batch).min(events);
-        let txs: Vec<SourceTransaction> = (applied..end)
-            .collect::<Vec<_>>()
-            .chunks(TX_SIZE as usize)
-            .map(|c| {
-                seq += c.len() as u64;
-                SourceTransaction {
-                    last_seq: seq,
-                    events: c.iter().map(|&i| event(i)).collect(),
-                }
-            })
-            .collect();
-        // Only the apply counts, not building the events.
-        let t0 = Instant::now();
-        store.apply(&txs)?;
-        store_alone += t0.elapsed();
-        applied = end;
+    let batches: Vec<Vec<SourceTransaction>> = (0..events)
+        .step_by(batch as usize)
+        .map(|start| {
+            let end = (start + batch).min(events);
+            (start..end)
+                .collect::<Vec<_>>()
+                .chunks(TX_SIZE as usize)
+                .map(|c| {
+                    seq += c.len() as u64;
+                    SourceTransaction {
+                        last_seq: seq,
+                        events: c.iter().map(|&i| event(i)).collect(),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let cpu = CpuMeter::start(&[me]);
+    let t0 = Instant::now();
+    for txs in &batches {
+        store.apply(txs)?;
     }
+    let store_alone = t0.elapsed();
+    let store_cpu = cpu.used();
+    drop(batches);
 
     let outcome = Outcome {
         events,
@@ -236,6 +263,13 @@ pub async fn run(events: u64) -> Result<RowReport> {
         apply_cpu_us_per_event: report::micros_per(apply_cpu[0], events),
         apply_nats_cpu_us_per_event: report::micros_per(apply_cpu[1], events),
         store_alone_secs: store_alone.as_secs_f64(),
+        store_alone_cpu_us_per_event: report::micros_per(store_cpu[0], events),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_bound_events_per_sec: 0.0,
+    };
+    let outcome = Outcome {
+        cpu_bound_events_per_sec: outcome.cpu_bound(),
+        ..outcome
     };
     Ok(RowReport {
         name: "apply",
@@ -265,13 +299,17 @@ fn line(o: &Outcome) -> Line {
             o.apply_nats_cpu_us_per_event
         ),
         beside: format!(
-            "raw ordered consumer {}/s (apply = {}; CPU {:.1} + {:.1} µs); store alone, pre-decoded, no NATS {}/s ({})",
+            "raw ordered consumer {}/s (apply = {}; CPU {:.1} + {:.1} µs); store alone, pre-decoded, no NATS {}/s ({}; CPU {:.1} µs); the {} CPUs' bound for those parts together {}/s ({})",
             report::rate(raw),
             report::percent(apply, raw),
             o.raw_consume_cpu_us_per_event,
             o.raw_consume_nats_cpu_us_per_event,
             report::rate(alone),
             report::percent(apply, alone),
+            o.store_alone_cpu_us_per_event,
+            o.cores,
+            report::rate(o.cpu_bound()),
+            report::percent(apply, o.cpu_bound()),
         ),
         targets: vec![Target::new(
             format!("≥ {} events/s", report::rate(TARGET_EVENTS_PER_SEC)),
