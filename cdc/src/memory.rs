@@ -42,8 +42,10 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Makes mimalloc return memory to the OS as soon as it frees it (`purge_delay` 0 instead of
 /// 10 ms), for a process whose allocator is mimalloc; call it first in `main`. Measured on the
 /// benchmark's memory row: a `view-agent` taking one 1,000,000-row transaction peaked at
-/// 96–111 MB (median 99, outliers to 122) instead of 105–111 MB; its apply rate on small
-/// transactions moved within the machine's noise (75–81k against 81–85k events/s).
+/// 96–111 MB (median 99, outliers to 122) instead of 105–111 MB (93–99 against 107–113 in a
+/// later interleaved A/B). It costs the apply rate on small transactions about 10% (quiet
+/// machine, interleaved: 104–110k against 116–125k events/s): pages returned at once are
+/// faulted in and zeroed again, and each return interrupts the other CPU (TLB shootdown).
 pub fn return_freed_memory_at_once() {
     // SAFETY: mi_option_set takes two integers and stores the value in mimalloc's option
     // table (the index is checked against mimalloc's default in this module's test). It is not
