@@ -652,12 +652,12 @@ impl<'a> Session<'a> {
 
 /// Notices a consumer that stopped delivering while the stream holds messages for it.
 ///
-/// async-nats' pull consumer counts the messages it asked for and asks again only when fewer
-/// than half of a batch remain outstanding. Under load that count can run ahead of what the
-/// server still owes (it was seen on this project's benchmark, about one run in ten on a
-/// busy two-core machine): the server has delivered the whole request, the client waits for
-/// the rest, and nothing comes until the client misses two idle heartbeats and re-creates the
-/// consumer, 60 s later. The follow loop counts its status ticks without a delivered message
+/// The benchmark's apply row paused for exactly 60 s twice in about forty runs on a busy
+/// two-core machine: what async-nats' ordered consumer waits, when nothing arrives, before it
+/// re-creates itself (two missed-heartbeat timeouts of 30 s). The likely cause: its pull
+/// consumer counts the messages it asked for and asks again only when fewer than half of a
+/// batch remain outstanding, and under load that count can run ahead of what the server
+/// still owes; the server, its requests fulfilled, then sends nothing, not even heartbeats. The follow loop counts its status ticks without a delivered message
 /// while the stream holds a message at or past the agent's position, and after
 /// [`STALL_TICKS`] of them starts a new consumer from the applied position: a stall costs
 /// 2–3 s instead of a minute, and nothing is applied twice or skipped.
