@@ -49,23 +49,19 @@ struct Outcome {
     store_alone_cpu_us_per_event: f64,
     /// CPUs of this machine.
     cores: usize,
-    /// [`Outcome::cpu_bound`].
+    /// [`cpu_bound`] of the parts above.
     cpu_bound_events_per_sec: f64,
 }
 
-impl Outcome {
-    /// The rate this machine's CPUs would allow if following cost no more than its parts
-    /// measured here (the raw consumer's CPU, agent and nats-server, plus the store's alone;
-    /// decoding free) and the parts overlapped perfectly.
-    fn cpu_bound(&self) -> f64 {
-        let per_event = self.raw_consume_cpu_us_per_event
-            + self.raw_consume_nats_cpu_us_per_event
-            + self.store_alone_cpu_us_per_event;
-        if per_event > 0.0 {
-            self.cores as f64 * 1e6 / per_event
-        } else {
-            f64::INFINITY
-        }
+/// The rate `cores` CPUs would allow if following cost no more than its parts measured here
+/// (µs of CPU per event: the raw consumer's, agent and nats-server, plus the store's alone;
+/// decoding free) and the parts overlapped perfectly.
+fn cpu_bound(cores: usize, parts_us_per_event: &[f64]) -> f64 {
+    let per_event: f64 = parts_us_per_event.iter().sum();
+    if per_event > 0.0 {
+        cores as f64 * 1e6 / per_event
+    } else {
+        f64::INFINITY
     }
 }
 
@@ -251,25 +247,27 @@ pub async fn run(events: u64) -> Result<RowReport> {
     let store_cpu = cpu.used();
     drop(batches);
 
+    let (raw_us, raw_nats_us) = (
+        report::micros_per(raw_cpu[0], consumed),
+        report::micros_per(raw_cpu[1], consumed),
+    );
+    let store_us = report::micros_per(store_cpu[0], events);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let outcome = Outcome {
         events,
         events_per_tx: TX_SIZE,
         json_bytes,
         fill_secs,
         raw_consume_secs,
-        raw_consume_cpu_us_per_event: report::micros_per(raw_cpu[0], consumed),
-        raw_consume_nats_cpu_us_per_event: report::micros_per(raw_cpu[1], consumed),
+        raw_consume_cpu_us_per_event: raw_us,
+        raw_consume_nats_cpu_us_per_event: raw_nats_us,
         apply_secs,
         apply_cpu_us_per_event: report::micros_per(apply_cpu[0], events),
         apply_nats_cpu_us_per_event: report::micros_per(apply_cpu[1], events),
         store_alone_secs: store_alone.as_secs_f64(),
-        store_alone_cpu_us_per_event: report::micros_per(store_cpu[0], events),
-        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        cpu_bound_events_per_sec: 0.0,
-    };
-    let outcome = Outcome {
-        cpu_bound_events_per_sec: outcome.cpu_bound(),
-        ..outcome
+        store_alone_cpu_us_per_event: store_us,
+        cores,
+        cpu_bound_events_per_sec: cpu_bound(cores, &[raw_us, raw_nats_us, store_us]),
     };
     Ok(RowReport {
         name: "apply",
@@ -308,8 +306,8 @@ fn line(o: &Outcome) -> Line {
             report::percent(apply, alone),
             o.store_alone_cpu_us_per_event,
             o.cores,
-            report::rate(o.cpu_bound()),
-            report::percent(apply, o.cpu_bound()),
+            report::rate(o.cpu_bound_events_per_sec),
+            report::percent(apply, o.cpu_bound_events_per_sec),
         ),
         targets: vec![Target::new(
             format!("≥ {} events/s", report::rate(TARGET_EVENTS_PER_SEC)),

@@ -433,12 +433,10 @@ impl<'a> Session<'a> {
                 _ = status_tick.tick() => {
                     match tokio::time::timeout(API_TIMEOUT, stream.info()).await {
                         Ok(Ok(info)) => {
-                            let state = info.state.clone();
-                            self.store.set_stream_last_seq(state.last_sequence);
-                            if self
-                                .watchdog
-                                .quiet_tick(state.messages, state.last_sequence, self.expected_seq)
-                                && holds_message(&stream, state.last_sequence).await
+                            let (messages, last) = (info.state.messages, info.state.last_sequence);
+                            self.store.set_stream_last_seq(last);
+                            if self.watchdog.quiet_tick(messages, last, self.expected_seq)
+                                && holds_message(&stream, last).await
                             {
                                 self.apply_ready().await?;
                                 return Err(SessionError::Stalled(self.expected_seq));
@@ -657,10 +655,12 @@ impl<'a> Session<'a> {
 /// re-creates itself (two missed-heartbeat timeouts of 30 s). The likely cause: its pull
 /// consumer counts the messages it asked for and asks again only when fewer than half of a
 /// batch remain outstanding, and under load that count can run ahead of what the server
-/// still owes; the server, its requests fulfilled, then sends nothing, not even heartbeats. The follow loop counts its status ticks without a delivered message
-/// while the stream holds a message at or past the agent's position, and after
-/// [`STALL_TICKS`] of them starts a new consumer from the applied position: a stall costs
-/// 2–3 s instead of a minute, and nothing is applied twice or skipped.
+/// still owes; the server, its requests fulfilled, then sends nothing, not even heartbeats.
+///
+/// The follow loop counts its status ticks without a delivered message while the stream holds
+/// a message at or past the agent's position, and on the tick after [`STALL_TICKS`] of them
+/// starts a new consumer from the applied position: a stall costs 2–3 s instead of a minute,
+/// and nothing is applied twice or skipped.
 ///
 /// `view-agent replay` uses the same check on its own consumer, with its idle waits as ticks.
 #[derive(Debug)]

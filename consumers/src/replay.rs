@@ -372,9 +372,9 @@ impl Rebuild {
                         // what the stream holds is replaced (from what the rebuild read).
                         if let Ok(Ok(info)) = tokio::time::timeout(API_TIMEOUT, stream.info()).await
                         {
-                            let state = info.state.clone();
-                            if watchdog.quiet_tick(state.messages, state.last_sequence, read + 1)
-                                && crate::follow::holds_message(&stream, state.last_sequence).await
+                            let (messages, last) = (info.state.messages, info.state.last_sequence);
+                            if watchdog.quiet_tick(messages, last, read + 1)
+                                && crate::follow::holds_message(&stream, last).await
                             {
                                 tracing::warn!(
                                     seq = read + 1,
