@@ -66,8 +66,10 @@ use tokio::sync::watch;
 use crate::config::{AgentConfig, StoreConfig, ViewConfig};
 use crate::keys;
 use crate::metrics::{Interface, StoreMetrics};
+use pace::LogPace;
 
 mod fence;
+mod pace;
 mod staging;
 pub use fence::{Fence, FenceError};
 pub use staging::StagedTx;
@@ -564,6 +566,8 @@ pub struct ViewStore {
     overlay: std::sync::atomic::AtomicBool,
     /// Moves of a large transaction's keys from staging into the views, for readers.
     moves: staging::Moves,
+    /// Paces writes to what sled's log writer and reclamation keep up with (see [`pace`]).
+    pace: LogPace,
     cache: ReadCache,
     stale: Mutex<Vec<Option<String>>>,
     progress: watch::Sender<Progress>,
@@ -637,11 +641,12 @@ impl ViewStore {
         let tree = db.open_tree(TREE).map_err(sled_err)?;
         let staging = db.open_tree(staging::TREE).map_err(sled_err)?;
         // A large transaction interrupted while it was made visible is finished first.
-        staging::recover(&db, &tree, &staging).map_err(|e| match e {
+        let pace = LogPace::new(&db);
+        staging::recover(&db, &tree, &staging, &pace).map_err(|e| match e {
             PendingError::Sled(source) => sled_err(source),
             PendingError::Corrupt(m) => StoreError::Corrupt(m),
         })?;
-        drop_leftovers(&tree).map_err(sled_err)?;
+        drop_leftovers(&tree, &pace).map_err(sled_err)?;
         let mut batch = sled::Batch::default();
         // View ids: stable across restarts and config reordering.
         let mut used: Vec<u16> = Vec::new();
@@ -765,6 +770,7 @@ impl ViewStore {
             read_gate: RwLock::new(()),
             overlay: std::sync::atomic::AtomicBool::new(false),
             moves: staging::Moves::default(),
+            pace,
             cache: ReadCache::new(options.read_cache_rows),
             stale: Mutex::new(stale),
             progress: watch::Sender::new(progress),
@@ -1014,7 +1020,7 @@ impl ViewStore {
                     .map_err(|e| self.pending_err(e))?;
             }
         }
-        let writes = pending.writes.len();
+        let (writes, bytes) = pending.written();
         let mut batch = pending.batch();
         let (touched, touched_all) = (pending.touched, pending.touched_all);
         let new_kinds = self.merge_kinds(&pending.kinds);
@@ -1047,8 +1053,9 @@ impl ViewStore {
             applied.map_err(|e| self.sled_err(e))?;
             self.publish_applied(new_kinds, new_stale, new_seq, max_lsn, watermark);
         }
-        reclaim(writes);
-        Ok(())
+        self.pace
+            .after_batch(writes, bytes)
+            .map_err(|e| self.sled_err(e))
     }
 
     /// The key kinds of each view after `kinds` (view index, key column, kind bit) were seen.
@@ -1392,25 +1399,27 @@ fn sled_scan_ids(tree: &sled::Tree, prefix: &[u8]) -> Result<Vec<(Vec<u8>, u16)>
 }
 
 /// Deletes every row (and primary-key index entry) of view id `id`, in chunks.
-fn drop_id_rows(tree: &sled::Tree, id: u16) -> Result<usize, sled::Error> {
+fn drop_id_rows(tree: &sled::Tree, pace: &LogPace, id: u16) -> Result<usize, sled::Error> {
     let mut dropped = 0;
     for kind in [b'k', b'p'] {
         loop {
             let mut batch = sled::Batch::default();
-            let mut n = 0;
+            let (mut n, mut bytes) = (0, 0);
             for k in tree
                 .scan_prefix(id_prefix(kind, id))
                 .keys()
                 .take(DROP_CHUNK)
             {
-                batch.remove(k?);
+                let k = k?;
+                bytes += k.len();
+                batch.remove(k);
                 n += 1;
             }
             if n == 0 {
                 break;
             }
             tree.apply_batch(batch)?;
-            reclaim(n);
+            pace.after_batch(n, bytes)?;
             if kind == b'k' {
                 dropped += n;
             }
@@ -1420,10 +1429,10 @@ fn drop_id_rows(tree: &sled::Tree, id: u16) -> Result<usize, sled::Error> {
 }
 
 /// Drops the rows of rebuilds that did not finish and of views replaced by a rebuild.
-fn drop_leftovers(tree: &sled::Tree) -> Result<(), sled::Error> {
+fn drop_leftovers(tree: &sled::Tree, pace: &LogPace) -> Result<(), sled::Error> {
     for prefix in [META_SHADOW, META_GC] {
         for (key, id) in sled_scan_ids(tree, prefix)? {
-            let n = drop_id_rows(tree, id)?;
+            let n = drop_id_rows(tree, pace, id)?;
             tree.remove(key)?;
             if n > 0 {
                 tracing::info!(
@@ -1457,7 +1466,7 @@ impl ViewStore {
         let shadow_key = meta_key(META_SHADOW, live.name());
         if let Some(old) = self.tree.get(&shadow_key).map_err(|e| self.sled_err(e))? {
             if old.len() == 2 {
-                drop_id_rows(&self.tree, u16::from_be_bytes([old[0], old[1]]))
+                drop_id_rows(&self.tree, &self.pace, u16::from_be_bytes([old[0], old[1]]))
                     .map_err(|e| self.sled_err(e))?;
             }
         }
@@ -1508,10 +1517,12 @@ impl ViewStore {
         for (_, col, bit) in &pending.kinds {
             kinds[*col] |= bit;
         }
-        let writes = pending.writes.len();
+        let (writes, bytes) = pending.written();
         let batch = pending.batch();
         self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
-        reclaim(writes);
+        self.pace
+            .after_batch(writes, bytes)
+            .map_err(|e| self.sled_err(e))?;
         shadow.view.set_kinds(&kinds);
         Ok(Ok(()))
     }
@@ -1555,7 +1566,7 @@ impl ViewStore {
 
     /// Deletes the rows of the view id a swap replaced; returns how many.
     pub fn drop_replaced(&self, old: u16) -> Result<usize, StoreError> {
-        let dropped = drop_id_rows(&self.tree, old).map_err(|e| self.sled_err(e))?;
+        let dropped = drop_id_rows(&self.tree, &self.pace, old).map_err(|e| self.sled_err(e))?;
         let mut gc = META_GC.to_vec();
         gc.extend_from_slice(&old.to_be_bytes());
         self.tree.remove(gc).map_err(|e| self.sled_err(e))?;
@@ -1564,7 +1575,7 @@ impl ViewStore {
 
     /// Gives a rebuild up: drops the shadow's rows.
     pub fn abandon_shadow(&self, shadow: &Shadow) -> Result<(), StoreError> {
-        drop_id_rows(&self.tree, shadow.view.id()).map_err(|e| self.sled_err(e))?;
+        drop_id_rows(&self.tree, &self.pace, shadow.view.id()).map_err(|e| self.sled_err(e))?;
         self.tree
             .remove(meta_key(META_SHADOW, shadow.name()))
             .map_err(|e| self.sled_err(e))?;
@@ -1644,7 +1655,7 @@ impl ViewStore {
         for (_, col, bit) in &pending.kinds {
             kinds[*col] |= bit;
         }
-        let writes = pending.writes.len();
+        let (writes, bytes) = pending.written();
         let mut batch = pending.batch();
         batch.insert(meta_key(META_KINDS, v.name()), kinds.as_slice());
         {
@@ -1656,7 +1667,9 @@ impl ViewStore {
             self.cache.clear();
             applied.map_err(|e| self.sled_err(e))?;
         }
-        reclaim(writes);
+        self.pace
+            .after_batch(writes, bytes)
+            .map_err(|e| self.sled_err(e))?;
         v.set_kinds(&kinds);
         Ok(())
     }
@@ -1787,27 +1800,6 @@ fn open_sled(path: &Path, cache_mb: u64) -> Result<sled::Db, sled::Error> {
     }
 }
 
-/// Frees the memory of what sled's last batch of about `writes` writes replaced.
-///
-/// sled copies a node on every write and hands the old one to crossbeam's epoch-based
-/// reclamation, which frees it only after the epoch has advanced twice, and only a few bags
-/// (8 × 64 objects) per 128 pins of a thread. `apply_batch` pins once for its whole batch, so
-/// a store applying batches of thousands of writes produced garbage far faster than it was
-/// collected: a 1,000,000-row fill held 250-1,400 MB (the more so the faster it wrote), and what
-/// bounded it was only other threads' reads and sled's flusher. Each flush here advances the
-/// epoch when no other thread is pinned in an older one and frees up to 8 bags; one per 64
-/// writes leaves room for the node, page and evicted pages each write can retire. Called
-/// outside the read gate, right after the batch, on the thread that applied it (its bag of
-/// garbage is the one that is pushed).
-fn reclaim(writes: usize) {
-    for _ in 0..(2 + writes / 64).min(RECLAIM_MAX_FLUSHES) {
-        crossbeam_epoch::pin().flush();
-    }
-}
-
-/// Upper bound of the flushes of one [`reclaim`] (a batch of 65,000 writes).
-const RECLAIM_MAX_FLUSHES: usize = 1024;
-
 /// Start of the stale reason of a view added to the config of an agent that already follows
 /// the stream: it waits for a snapshot of its source table.
 pub const AWAITING_SNAPSHOT_PREFIX: &str = "waiting for a snapshot";
@@ -1866,6 +1858,13 @@ impl<'a> Pending<'a> {
     }
 
     /// The pending writes as a sled batch for the views' tree (the rest stays).
+    /// Writes gathered so far, and the bytes of their keys and values.
+    fn written(&self) -> (usize, usize) {
+        let bytes =
+            pace::written_bytes(self.writes.iter().map(|(k, v)| (k.as_slice(), v.as_ref())));
+        (self.writes.len(), bytes)
+    }
+
     fn batch(&mut self) -> sled::Batch {
         let mut batch = sled::Batch::default();
         for (k, v) in std::mem::take(&mut self.writes) {

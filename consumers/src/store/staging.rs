@@ -42,7 +42,8 @@ use std::time::{Duration, Instant};
 use cdc::envelope::ChangeEvent;
 use cdc::Lsn;
 
-use super::{reclaim, Pending, PendingError, Scratch, StoreError, ViewStore};
+use super::pace::LogPace;
+use super::{Pending, PendingError, Scratch, StoreError, ViewStore};
 
 /// The sled tree holding staged writes.
 pub(super) const TREE: &str = "staging";
@@ -193,12 +194,15 @@ struct MarkedTx {
 fn copy(
     staging: &sled::Tree,
     tree: &sled::Tree,
+    pace: &LogPace,
     moves: Option<&Moves>,
 ) -> Result<(usize, Duration), PendingError> {
     let mut chunk = Chunk::default();
     let (mut copied, mut longest_move) = (0, Duration::ZERO);
     for item in staging.range(..MARKER) {
         let (k, entry) = item?;
+        // Written twice: into the views, out of staging.
+        chunk.bytes += 2 * k.len() + entry.len();
         match decode(&entry)? {
             Some(v) => chunk.into_views.insert(k.clone(), v),
             None => chunk.into_views.remove(k.clone()),
@@ -207,11 +211,11 @@ fn copy(
         chunk.len += 1;
         copied += 1;
         if chunk.len == COPY_CHUNK {
-            let waited = std::mem::take(&mut chunk).apply(staging, tree, moves)?;
+            let waited = std::mem::take(&mut chunk).apply(staging, tree, pace, moves)?;
             longest_move = longest_move.max(waited);
         }
     }
-    longest_move = longest_move.max(chunk.apply(staging, tree, moves)?);
+    longest_move = longest_move.max(chunk.apply(staging, tree, pace, moves)?);
     Ok((copied, longest_move))
 }
 
@@ -255,6 +259,7 @@ struct Chunk {
     into_views: sled::Batch,
     out_of_staging: sled::Batch,
     len: usize,
+    bytes: usize,
 }
 
 impl Chunk {
@@ -262,6 +267,7 @@ impl Chunk {
         self,
         staging: &sled::Tree,
         tree: &sled::Tree,
+        pace: &LogPace,
         moves: Option<&Moves>,
     ) -> Result<Duration, PendingError> {
         tree.apply_batch(self.into_views)?;
@@ -271,7 +277,7 @@ impl Chunk {
             staging.apply_batch(self.out_of_staging)?;
             held.elapsed()
         };
-        reclaim(2 * self.len);
+        pace.after_batch(2 * self.len, self.bytes)?;
         Ok(held)
     }
 }
@@ -289,9 +295,10 @@ pub(super) fn recover(
     db: &sled::Db,
     tree: &sled::Tree,
     staging: &sled::Tree,
+    pace: &LogPace,
 ) -> Result<(), PendingError> {
     if staging.contains_key(MARKER)? {
-        let (copied, _) = copy(staging, tree, None)?;
+        let (copied, _) = copy(staging, tree, pace, None)?;
         tracing::info!(
             entries = copied,
             "finished making a large transaction visible (interrupted by a crash)"
@@ -317,12 +324,13 @@ impl ViewStore {
     /// Applies `events`, a part of a large transaction, into staging: invisible to queries
     /// until [`ViewStore::commit_staged`].
     pub fn stage(&self, staged: &mut StagedTx, events: &[ChangeEvent]) -> Result<(), StoreError> {
-        let batch = self.stage_part(staged, events)?;
+        let (batch, writes, bytes) = self.stage_part(staged, events)?;
         self.staging
             .apply_batch(batch)
             .map_err(|e| self.sled_err(e))?;
-        reclaim(events.len());
-        Ok(())
+        self.pace
+            .after_batch(writes, bytes)
+            .map_err(|e| self.sled_err(e))
     }
 
     /// Applies the last part of a large transaction (`last_seq`: its last stream sequence)
@@ -333,7 +341,7 @@ impl ViewStore {
         events: &[ChangeEvent],
         last_seq: u64,
     ) -> Result<(), StoreError> {
-        let mut batch = self.stage_part(&mut staged, events)?;
+        let (mut batch, _, _) = self.stage_part(&mut staged, events)?;
         self.fence.admit_commit(staged.max_lsn);
         let started = std::time::Instant::now();
         let result = self.commit_admitted(&mut batch, &staged, last_seq);
@@ -347,7 +355,7 @@ impl ViewStore {
         &self,
         staged: &mut StagedTx,
         events: &[ChangeEvent],
-    ) -> Result<sled::Batch, StoreError> {
+    ) -> Result<(sled::Batch, usize, usize), StoreError> {
         let mut pending = Pending {
             staged: Some(&self.staging),
             // Kinds already seen by earlier parts are not recorded again.
@@ -364,12 +372,13 @@ impl ViewStore {
         if let Some(ev) = events.last() {
             staged.last_ts = Some(ev.source.ts_ms);
         }
+        let (writes, bytes) = pending.written();
         staged.kinds = pending.kinds;
         let mut batch = sled::Batch::default();
         for (k, v) in pending.writes {
             batch.insert(k, encode(v.as_deref()));
         }
-        Ok(batch)
+        Ok((batch, writes, bytes))
     }
 
     /// Writes the last part with the transaction's metadata and the marker, durably: from
@@ -392,8 +401,8 @@ impl ViewStore {
         self.staging
             .apply_batch(std::mem::take(batch))
             .map_err(sled_err)?;
-        // No reclaim here: the copy that follows reclaims after every chunk, with room to
-        // spare for what this last part replaced.
+        // No pacing here: the flush below waits for the log, and the copy that follows frees
+        // what was replaced after every chunk, with room to spare for this last part.
         self.db.flush().map_err(sled_err)?;
         Ok(MarkedTx {
             new_seq,
@@ -411,7 +420,7 @@ impl ViewStore {
         events: &[ChangeEvent],
         last_seq: u64,
     ) -> Result<(), StoreError> {
-        let mut batch = self.stage_part(&mut staged, events)?;
+        let (mut batch, _, _) = self.stage_part(&mut staged, events)?;
         self.mark_complete(&mut batch, &staged, last_seq).map(drop)
     }
 
@@ -456,8 +465,8 @@ impl ViewStore {
     /// see stays whole) and is finished on the next open.
     fn copy_in(&self, events: usize) -> Result<(), StoreError> {
         let started = Instant::now();
-        let (copied, longest_move) =
-            copy(&self.staging, &self.tree, Some(&self.moves)).map_err(|e| self.pending_err(e))?;
+        let (copied, longest_move) = copy(&self.staging, &self.tree, &self.pace, Some(&self.moves))
+            .map_err(|e| self.pending_err(e))?;
         {
             let _gate = self
                 .read_gate
@@ -485,7 +494,7 @@ impl ViewStore {
         events: &[ChangeEvent],
         last_seq: u64,
     ) -> Result<(), StoreError> {
-        let mut batch = self.stage_part(&mut staged, events)?;
+        let (mut batch, _, _) = self.stage_part(&mut staged, events)?;
         let marked = self.mark_complete(&mut batch, &staged, last_seq)?;
         self.show_staged(marked, &staged);
         Ok(())
