@@ -48,6 +48,10 @@ const MAX_GAP_PROBE: usize = 256;
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// Groups of transactions queued for the applier thread (backpressure beyond that).
 const APPLY_QUEUE: usize = 4;
+/// Parts of a large transaction handed to the applier and not yet staged. One lets the next
+/// part be read and decoded while the applier stages the last; the queue's four would hold
+/// four more parts' decoded events (about 1 MB each at the default 1,024 events) for nothing.
+const PARTS_AHEAD: usize = 1;
 /// Status ticks in a row without a delivered message, while the stream holds messages at or
 /// past the agent's position, that a consumer may be quiet; the next such tick counts it as
 /// stalled (see [`Watchdog`]).
@@ -175,6 +179,8 @@ enum Work {
     Part {
         first: bool,
         events: Vec<ChangeEvent>,
+        /// Held until the part is staged (see [`Applier::send_part`]).
+        _room: tokio::sync::OwnedSemaphorePermit,
     },
     /// The last part of a large transaction: staged, then the whole transaction made visible.
     LastPart(SourceTransaction),
@@ -187,6 +193,8 @@ enum Work {
 struct Applier {
     tx: Option<tokio::sync::mpsc::Sender<Work>>,
     thread: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
+    /// Parts of a large transaction handed over and not yet staged: at most [`PARTS_AHEAD`].
+    parts: Arc<tokio::sync::Semaphore>,
 }
 
 impl Applier {
@@ -229,7 +237,7 @@ impl Applier {
                 }
                 txs.clear();
                 match large {
-                    Some(Work::Part { first, events }) => {
+                    Some(Work::Part { first, events, .. }) => {
                         if first || staged.is_none() {
                             store.discard_staged()?;
                             staged = Some(StagedTx::default());
@@ -267,12 +275,14 @@ impl Applier {
             Ok(t) => Applier {
                 tx: Some(tx),
                 thread: Some(t),
+                parts: Arc::new(tokio::sync::Semaphore::new(PARTS_AHEAD)),
             },
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the applier thread");
                 Applier {
                     tx: None,
                     thread: None,
+                    parts: Arc::new(tokio::sync::Semaphore::new(PARTS_AHEAD)),
                 }
             }
         }
@@ -289,6 +299,23 @@ impl Applier {
         }
         self.finish().await?;
         Err(StoreError::Corrupt("the applier thread stopped".into()))
+    }
+
+    /// Hands a part of a large transaction over once fewer than [`PARTS_AHEAD`] earlier parts
+    /// are still waiting to be staged: the parts in memory are the one being staged and the one
+    /// being read, not a full queue of them.
+    async fn send_part(&mut self, first: bool, events: Vec<ChangeEvent>) -> Result<(), StoreError> {
+        let room = match self.parts.clone().acquire_owned().await {
+            Ok(room) => room,
+            // Never closed; treated as a stopped applier all the same.
+            Err(_) => return Err(StoreError::Corrupt("the applier thread stopped".into())),
+        };
+        self.send(Work::Part {
+            first,
+            events,
+            _room: room,
+        })
+        .await
     }
 
     /// Waits until everything handed over is applied.
@@ -591,7 +618,7 @@ impl<'a> Session<'a> {
             let first = !self.staging;
             self.staging = true;
             let events = std::mem::take(&mut self.open_tx);
-            self.applier.send(Work::Part { first, events }).await?;
+            self.applier.send_part(first, events).await?;
         }
         Ok(())
     }
