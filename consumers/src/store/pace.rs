@@ -8,12 +8,12 @@
 //!   the file, and a fresh one is allocated at once. Nothing slows the writers down when those
 //!   writes lag: on a disk busy with other work, sealed buffers piled up by the dozen while
 //!   a 1,000,000-row transaction was staged and copied (21 MB of them at the peak of one run;
-//!   the store's peak moved between 80 and 177 MB with the disk's load).
+//!   the store's peak moved between 82 and 181 MB with the disk's load).
 //!
 //! [`LogPace::after_batch`] does both after each batch: it frees the replaced nodes, and once
 //! [`WAIT_EVERY_WRITES`] writes or [`WAIT_EVERY_BYTES`] bytes have gone into sled since it last
 //! waited, it waits for the log to be on disk (`flush`). Measured on that transaction: peaks of
-//! 78-79 MB in every run instead of 80-177, at the same speed. While the disk keeps up, the
+//! 79-81 MB in every run instead of 82-181, at the same speed. While the disk keeps up, the
 //! wait finds what sled's own flusher (every 200 ms) already wrote.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
