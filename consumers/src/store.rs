@@ -1020,8 +1020,7 @@ impl ViewStore {
                     .map_err(|e| self.pending_err(e))?;
             }
         }
-        let (writes, bytes) = pending.written();
-        let mut batch = pending.batch();
+        let (mut batch, writes, bytes) = pending.batch();
         let (touched, touched_all) = (pending.touched, pending.touched_all);
         let new_kinds = self.merge_kinds(&pending.kinds);
         let lsn = (!txs.is_empty()).then_some(max_lsn);
@@ -1517,8 +1516,7 @@ impl ViewStore {
         for (_, col, bit) in &pending.kinds {
             kinds[*col] |= bit;
         }
-        let (writes, bytes) = pending.written();
-        let batch = pending.batch();
+        let (batch, writes, bytes) = pending.batch();
         self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
         self.pace
             .after_batch(writes, bytes)
@@ -1655,8 +1653,7 @@ impl ViewStore {
         for (_, col, bit) in &pending.kinds {
             kinds[*col] |= bit;
         }
-        let (writes, bytes) = pending.written();
-        let mut batch = pending.batch();
+        let (mut batch, writes, bytes) = pending.batch();
         batch.insert(meta_key(META_KINDS, v.name()), kinds.as_slice());
         {
             let _gate = self
@@ -1857,23 +1854,19 @@ impl<'a> Pending<'a> {
         }
     }
 
-    /// The pending writes as a sled batch for the views' tree (the rest stays).
-    /// Writes gathered so far, and the bytes of their keys and values.
-    fn written(&self) -> (usize, usize) {
-        let bytes =
-            pace::written_bytes(self.writes.iter().map(|(k, v)| (k.as_slice(), v.as_ref())));
-        (self.writes.len(), bytes)
-    }
-
-    fn batch(&mut self) -> sled::Batch {
+    /// The pending writes as a sled batch for the views' tree (the rest stays), with their
+    /// number and the bytes of their keys and values (for [`LogPace::after_batch`]).
+    fn batch(&mut self) -> (sled::Batch, usize, usize) {
         let mut batch = sled::Batch::default();
+        let (writes, mut bytes) = (self.writes.len(), 0);
         for (k, v) in std::mem::take(&mut self.writes) {
+            bytes += k.len() + v.as_ref().map_or(0, Vec::len);
             match v {
                 Some(v) => batch.insert(k, v),
                 None => batch.remove(k),
             }
         }
-        batch
+        (batch, writes, bytes)
     }
 
     fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, PendingError> {

@@ -57,16 +57,6 @@ impl LogPace {
     }
 }
 
-/// Bytes of the keys and values of `writes`, as [`LogPace::after_batch`] counts them.
-pub(super) fn written_bytes<'a, V: AsRef<[u8]> + 'a>(
-    writes: impl IntoIterator<Item = (&'a [u8], Option<V>)>,
-) -> usize {
-    writes
-        .into_iter()
-        .map(|(k, v)| k.len() + v.map_or(0, |v| v.as_ref().len()))
-        .sum()
-}
-
 /// Frees the memory of what sled's last batch of about `writes` writes replaced.
 ///
 /// sled copies a node on every write and hands the old one to crossbeam's epoch-based
@@ -118,11 +108,5 @@ mod tests {
         pace.after_batch(2, WAIT_EVERY_BYTES).expect("pace");
         assert_eq!(pace.bytes.load(Relaxed), 0);
         assert_eq!(pace.writes.load(Relaxed), 0);
-    }
-
-    #[test]
-    fn counts_keys_and_values() {
-        let writes: Vec<(&[u8], Option<&[u8]>)> = vec![(b"ab", Some(b"xyz")), (b"c", None)];
-        assert_eq!(written_bytes(writes), 6);
     }
 }

@@ -372,10 +372,11 @@ impl ViewStore {
         if let Some(ev) = events.last() {
             staged.last_ts = Some(ev.source.ts_ms);
         }
-        let (writes, bytes) = pending.written();
         staged.kinds = pending.kinds;
+        let (writes, mut bytes) = (pending.writes.len(), 0);
         let mut batch = sled::Batch::default();
         for (k, v) in pending.writes {
+            bytes += k.len() + v.as_ref().map_or(0, Vec::len);
             batch.insert(k, encode(v.as_deref()));
         }
         Ok((batch, writes, bytes))
