@@ -20,14 +20,21 @@ use pgwire::api::auth::{
 };
 use pgwire::api::portal::{Format, Portal, PortalExecutionState};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::{DataRowEncoder, FieldInfo, QueryResponse, Response, Tag};
-use pgwire::api::stmt::QueryParser;
+use pgwire::api::results::{
+    DataRowEncoder, DescribePortalResponse, DescribeResponse, DescribeStatementResponse, FieldInfo,
+    QueryResponse, Response, Tag,
+};
+use pgwire::api::stmt::{QueryParser, StoredStatement};
 use pgwire::api::store::{Entry, PortalStore};
 use pgwire::api::{
     ClientInfo, ClientPortalStore, PgWireConnectionState, PgWireServerHandlers, Type, DEFAULT_NAME,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
-use pgwire::messages::extendedquery::{Bind, BindComplete, Execute};
+use pgwire::messages::data::{NoData, ParameterDescription, RowDescription};
+use pgwire::messages::extendedquery::{
+    Bind, BindComplete, Describe, Execute, Parse, ParseComplete, TARGET_TYPE_BYTE_PORTAL,
+    TARGET_TYPE_BYTE_STATEMENT,
+};
 use pgwire::messages::response::NoticeResponse;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use serde_json::Value;
@@ -650,6 +657,34 @@ fn bind_params(portal: &Portal<Plan>) -> PgWireResult<Vec<Value>> {
         .collect()
 }
 
+/// Buffers the reply to a Describe (see [`QueryService::on_describe`]): the parameter types of
+/// a statement, then its row description, or NoData; the same messages as pgwire's default.
+async fn feed_description<C, D>(client: &mut C, described: &D) -> PgWireResult<()>
+where
+    C: Sink<PgWireBackendMessage> + Unpin,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    D: DescribeResponse,
+{
+    if let Some(types) = described.parameters() {
+        let oids = types.iter().map(Type::oid).collect();
+        client
+            .feed(PgWireBackendMessage::ParameterDescription(
+                ParameterDescription::new(oids),
+            ))
+            .await?;
+    }
+    let reply = if described.is_no_data() {
+        PgWireBackendMessage::NoData(NoData::new())
+    } else {
+        PgWireBackendMessage::RowDescription(RowDescription::new(
+            described.fields().iter().map(Into::into).collect(),
+        ))
+    };
+    client.feed(reply).await?;
+    Ok(())
+}
+
 #[async_trait]
 impl ExtendedQueryHandler for QueryService {
     type Statement = Plan;
@@ -657,6 +692,63 @@ impl ExtendedQueryHandler for QueryService {
 
     fn query_parser(&self) -> Arc<PlanParser> {
         self.parser.clone()
+    }
+
+    /// Like pgwire's default, but `ParseComplete` is only buffered (see [`Self::on_describe`]).
+    async fn on_parse<C>(&self, client: &mut C, message: Parse) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match StoredStatement::parse(client, &message, self.query_parser()).await? {
+            Some(stmt) => client.portal_store().put_statement(Arc::new(stmt)),
+            None => client
+                .portal_store()
+                .put_empty_statement(message.name.as_deref().unwrap_or(DEFAULT_NAME)),
+        }
+        client
+            .feed(PgWireBackendMessage::ParseComplete(ParseComplete::new()))
+            .await?;
+        Ok(())
+    }
+
+    /// Like pgwire's default, but the description is only buffered, as Postgres does: the
+    /// reply leaves at the client's Sync (or Flush) in one write. pgwire flushes after each
+    /// message, and libpq (psql, pgbench, psycopg, JDBC alike) sends Bind/Describe/Execute/Sync
+    /// for every execution: two writes per query before, and twice the client's kernel work.
+    async fn on_describe<C>(&self, client: &mut C, message: Describe) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
+        match message.target_type {
+            TARGET_TYPE_BYTE_STATEMENT => match client.portal_store().get_statement(name) {
+                Some(Entry::Value(stmt)) => {
+                    let described = self.do_describe_statement(client, &stmt).await?;
+                    feed_description(client, &described).await
+                }
+                Some(Entry::Empty) => {
+                    feed_description(client, &DescribeStatementResponse::no_data()).await
+                }
+                None => Err(PgWireError::StatementNotFound(name.to_owned())),
+            },
+            TARGET_TYPE_BYTE_PORTAL => match client.portal_store().get_portal(name) {
+                Some(Entry::Value(portal)) => {
+                    let described = self.do_describe_portal(client, &portal).await?;
+                    feed_description(client, &described).await
+                }
+                Some(Entry::Empty) => {
+                    feed_description(client, &DescribePortalResponse::no_data()).await
+                }
+                None => Err(PgWireError::PortalNotFound(name.to_owned())),
+            },
+            other => Err(PgWireError::InvalidTargetType(other)),
+        }
     }
 
     /// Like pgwire's default, but `BindComplete` is only buffered: the whole reply to

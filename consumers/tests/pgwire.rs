@@ -1,8 +1,10 @@
-//! The pgwire server with real clients: tokio-postgres (simple and extended protocol) and psql.
+//! The pgwire server with real clients: tokio-postgres (simple and extended protocol), psql,
+//! pgbench (libpq) and a raw socket.
 
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::Result;
 use common::*;
@@ -205,6 +207,144 @@ async fn psql_and_password_auth() -> Result<()> {
             .len(),
         4
     );
+    agent.shutdown().await?;
+    Ok(())
+}
+
+/// libpq's flows through pgbench, a real libpq client: `prepared` (Parse/Describe once, then
+/// Bind/Describe/Execute/Sync per query), `extended` (Parse/Bind/Describe/Execute/Sync per
+/// query) and `simple` (Query), every query answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_protocol_modes() -> Result<()> {
+    let h = Harness::start().await?;
+    let (agent, _src) = agent_with_rows(&h, "pgbench", None).await?;
+    let port = agent.pgwire_addr().expect("pgwire").port();
+    let script = h.dir.path().join("point.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set seller random(7, 9)\nSELECT client_id, name, position FROM {VIEW} WHERE seller_id = :seller;\n"
+        ),
+    )?;
+    let pgbench = testkit::find_binary("pgbench")?;
+    for mode in ["prepared", "extended", "simple"] {
+        let mut cmd = Command::new(&pgbench);
+        cmd.args([
+            "-n",
+            "-M",
+            mode,
+            "-c",
+            "2",
+            "-t",
+            "25",
+            "-h",
+            "127.0.0.1",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .args(["-U", "page", "-f"])
+        .arg(&script)
+        .arg("views")
+        .env_remove("PGPASSWORD")
+        .env("PGCONNECT_TIMEOUT", "5");
+        let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "pgbench -M {mode}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("number of transactions actually processed: 50/50")
+                && stdout.contains("number of failed transactions: 0 "),
+            "pgbench -M {mode}: {stdout}"
+        );
+    }
+    agent.shutdown().await?;
+    Ok(())
+}
+
+/// One frontend message: type byte, length, body.
+fn frontend(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind];
+    m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// Reads backend messages until ReadyForQuery; returns their type bytes.
+async fn read_until_ready(sock: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut kinds = Vec::new();
+    loop {
+        while buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() < 1 + len {
+                break;
+            }
+            let kind = buf[0];
+            buf.drain(..1 + len);
+            kinds.push(kind);
+            if kind == b'Z' {
+                return Ok(kinds);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, sock.read(&mut chunk)).await??;
+        anyhow::ensure!(n > 0, "server closed the connection after {kinds:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Like Postgres, the server holds the replies to Parse, Bind, Describe and Execute until
+/// Sync, which sends them all in one write (pgwire's own handlers flush after each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_replies_wait_for_sync() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start().await?;
+    let (agent, _src) = agent_with_rows(&h, "raw", None).await?;
+    let port = agent.pgwire_addr().expect("pgwire").port();
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut startup = 196_608u32.to_be_bytes().to_vec();
+    startup.extend_from_slice(b"user\0page\0database\0views\0\0");
+    let mut msg = (startup.len() as u32 + 4).to_be_bytes().to_vec();
+    msg.extend_from_slice(&startup);
+    sock.write_all(&msg).await?;
+    let mut buf = Vec::new();
+    let kinds = read_until_ready(&mut sock, &mut buf).await?;
+    assert_eq!(kinds.first(), Some(&b'R'), "startup: {kinds:?}");
+
+    let sql = format!("SELECT client_id, name FROM {VIEW} WHERE seller_id = $1\0");
+    let mut parse = b"\0".to_vec();
+    parse.extend_from_slice(sql.as_bytes());
+    parse.extend_from_slice(&0u16.to_be_bytes());
+    // Bind: unnamed portal and statement, no parameter formats (text), one parameter "7",
+    // no result formats (text).
+    let mut bind = b"\0\0".to_vec();
+    bind.extend_from_slice(&0u16.to_be_bytes());
+    bind.extend_from_slice(&1u16.to_be_bytes());
+    bind.extend_from_slice(&1u32.to_be_bytes());
+    bind.push(b'7');
+    bind.extend_from_slice(&0u16.to_be_bytes());
+    let mut execute = b"\0".to_vec();
+    execute.extend_from_slice(&0u32.to_be_bytes());
+    let mut request = frontend(b'P', &parse);
+    request.extend(frontend(b'B', &bind));
+    request.extend(frontend(b'D', b"P\0"));
+    request.extend(frontend(b'E', &execute));
+    sock.write_all(&request).await?;
+    // Nothing may arrive before Sync; absence can only be checked for a while.
+    let mut early = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_millis(300), sock.read(&mut early)).await;
+    assert!(
+        read.is_err(),
+        "the server answered before Sync: {read:?} {:?}",
+        &early[..]
+    );
+    sock.write_all(&frontend(b'S', b"")).await?;
+    let kinds = read_until_ready(&mut sock, &mut buf).await?;
+    // ParseComplete, BindComplete, RowDescription, two rows, CommandComplete, ReadyForQuery.
+    assert_eq!(String::from_utf8_lossy(&kinds), "12TDDCZ");
     agent.shutdown().await?;
     Ok(())
 }
