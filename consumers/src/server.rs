@@ -106,6 +106,41 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 #[derive(Debug)]
 pub struct PlanParser {
     store: Arc<ViewStore>,
+    plans: PlanCache,
+}
+
+/// Statements this agent has planned, by their text: most drivers (libpq's `PQexecParams`,
+/// JDBC and psycopg below their prepare thresholds, node-postgres) send Parse with the same
+/// text for every execution, and parsing and planning cost more than the lookup they end in
+/// (about a fifth of the agent's CPU per query under `pgbench -M extended`). Plans depend only
+/// on the configured views, which do not change while the agent runs. Bounded: when
+/// [`PLAN_CACHE_ENTRIES`] texts are held, the next new one starts it over.
+#[derive(Debug, Default)]
+struct PlanCache {
+    plans: std::sync::Mutex<std::collections::HashMap<String, Option<Plan>>>,
+}
+
+/// Statement texts a [`PlanCache`] holds at most.
+const PLAN_CACHE_ENTRIES: usize = 256;
+
+impl PlanCache {
+    fn get(&self, sql: &str) -> Option<Option<Plan>> {
+        self.lock().get(sql).cloned()
+    }
+
+    fn insert(&self, sql: &str, plan: &Option<Plan>) {
+        let mut plans = self.lock();
+        if plans.len() >= PLAN_CACHE_ENTRIES {
+            plans.clear();
+        }
+        plans.insert(sql.to_owned(), plan.clone());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Option<Plan>>> {
+        self.plans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 #[async_trait]
@@ -121,7 +156,12 @@ impl QueryParser for PlanParser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        Ok(sql::plan_one(sql, &self.store)?)
+        if let Some(plan) = self.plans.get(sql) {
+            return Ok(plan);
+        }
+        let plan = sql::plan_one(sql, &self.store)?;
+        self.plans.insert(sql, &plan);
+        Ok(plan)
     }
 
     fn get_parameter_types(&self, stmt: &Plan) -> PgWireResult<Vec<Type>> {
@@ -298,6 +338,7 @@ impl QueryService {
         QueryService {
             parser: Arc::new(PlanParser {
                 store: store.clone(),
+                plans: PlanCache::default(),
             }),
             store,
             default_min_lsn_timeout: Duration::from_millis(cfg.min_lsn_timeout_ms),
@@ -1049,5 +1090,22 @@ mod tests {
         assert_eq!(parse_duration("250"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("1min"), Some(Duration::from_secs(60)));
         assert_eq!(parse_duration("soon"), None);
+    }
+
+    #[test]
+    fn the_plan_cache_returns_what_was_planned_and_stays_bounded() {
+        let cache = PlanCache::default();
+        let show = |n: usize| Some(Plan::Show(format!("setting_{n}")));
+        assert_eq!(cache.get("SHOW a"), None);
+        cache.insert("SHOW a", &show(0));
+        cache.insert("", &None);
+        assert_eq!(cache.get("SHOW a"), Some(show(0)));
+        assert_eq!(cache.get(""), Some(None));
+        for n in 0..PLAN_CACHE_ENTRIES * 2 {
+            cache.insert(&format!("SHOW s{n}"), &show(n));
+            assert!(cache.lock().len() <= PLAN_CACHE_ENTRIES);
+        }
+        let last = PLAN_CACHE_ENTRIES * 2 - 1;
+        assert_eq!(cache.get(&format!("SHOW s{last}")), Some(show(last)));
     }
 }
