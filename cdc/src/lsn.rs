@@ -49,8 +49,23 @@ impl Serialize for Lsn {
 
 impl<'de> Deserialize<'de> for Lsn {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        d.deserialize_str(LsnText)
+    }
+}
+
+/// Parses an LSN where the deserializer holds its text (through a `Cow<str>`, serde copies
+/// it into a `String` first: two allocations per event envelope).
+struct LsnText;
+
+impl serde::de::Visitor<'_> for LsnText {
+    type Value = Lsn;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an LSN like \"0/16B3748\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Lsn, E> {
+        s.parse().map_err(E::custom)
     }
 }
 
@@ -84,6 +99,24 @@ mod tests {
         for s in ["", "/", "0/", "/1", "x/1", "123456789/0", "0/1/2", "-1/0"] {
             assert!(s.parse::<Lsn>().is_err(), "{s:?} parsed");
         }
+    }
+
+    #[test]
+    fn reads_json_strings_borrowed_or_escaped() {
+        let lsn = |json: &str| serde_json::from_str::<Lsn>(json).map_err(|e| e.to_string());
+        assert_eq!(lsn(r#""0/16B3748""#), Ok(Lsn(0x16B3748)));
+        // An escape makes serde_json hand over a copy instead of the input's bytes.
+        assert_eq!(lsn(r#""1\/FF""#), Ok(Lsn(0x1_0000_00FF)));
+        let from_value = serde_json::from_value::<Lsn>(serde_json::json!("0/10"));
+        assert_eq!(from_value.map_err(|e| e.to_string()), Ok(Lsn(0x10)));
+        let err = lsn("12").expect_err("a number is not an LSN");
+        assert!(err.contains("expected an LSN like"), "{err}");
+        let err = lsn(r#""0-1""#).expect_err("no slash");
+        assert!(err.contains("invalid LSN \"0-1\""), "{err}");
+        assert_eq!(
+            serde_json::to_string(&Lsn(0x16B3748)).map_err(|e| e.to_string()),
+            Ok(r#""0/16B3748""#.to_owned())
+        );
     }
 
     proptest! {
