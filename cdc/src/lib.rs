@@ -20,6 +20,7 @@ pub mod reader;
 pub mod replication;
 pub mod setup;
 pub mod snapshot;
+pub mod stall;
 pub mod status;
 pub mod subject;
 pub mod tail;

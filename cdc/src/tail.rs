@@ -16,9 +16,17 @@ use tokio::io::AsyncReadExt as _;
 
 use crate::config::CdcConfig;
 use crate::envelope::{ChangeEvent, Op, HEADER_LARGE_REF, HEADER_OP, HEADER_TABLE};
+use crate::stall::{holds_message, Watchdog};
 
 /// Longest summary of a row on a readable line (characters).
 const SUMMARY_CHARS: usize = 160;
+/// How often a tail waiting for messages checks that its consumer still delivers.
+const TICK: Duration = Duration::from_secs(1);
+/// Quiet ticks in a row, while the stream holds messages for the tail, after which its
+/// consumer counts as stalled and is re-created from the next sequence (see [`crate::stall`]).
+const STALL_TICKS: u32 = 2;
+/// Timeout of one JetStream API request made by the stall check.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events shown when no start is given (as `tail`).
 pub const DEFAULT_LAST: u64 = 10;
 
@@ -175,7 +183,7 @@ pub async fn run(
         stream: name.clone(),
         message,
     };
-    let stream = js.get_stream(&name).await.map_err(|e| {
+    let mut stream = js.get_stream(&name).await.map_err(|e| {
         stream_err(format!(
             "{e}: is nats.stream right, and has the reader run?"
         ))
@@ -203,39 +211,51 @@ pub async fn run(
         },
         (_, None) => consumer::DeliverPolicy::New,
     };
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject,
-            deliver_policy,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| stream_err(format!("creating a consumer: {e}")))?;
+    let (mut messages, pending, mut next_seq) =
+        open_consumer(&stream, &filter_subject, deliver_policy)
+            .await
+            .map_err(&stream_err)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let pending = consumer.cached_info().num_pending;
     if !opts.follow && pending == 0 {
         return Ok(());
     }
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| stream_err(format!("reading: {e}")))?;
     let mut large: Option<ObjectStore> = None;
+    let mut watchdog = Watchdog::allowing(STALL_TICKS);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
     loop {
+        // Priorities: stop; a message; the stall check.
         let next = tokio::select! {
             biased;
             _ = &mut stop => return Ok(()),
             next = messages.next() => next,
+            _ = tick.tick() => {
+                if stalled(&mut stream, &filter_subject, &mut watchdog, next_seq).await {
+                    eprintln!(
+                        "cdc: the consumer delivered nothing for {STALL_TICKS} s although the stream holds more; reading again from sequence {next_seq}"
+                    );
+                    let policy = consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: next_seq,
+                    };
+                    (messages, _, _) = open_consumer(&stream, &filter_subject, policy)
+                        .await
+                        .map_err(&stream_err)?;
+                    watchdog.delivered();
+                }
+                continue;
+            }
         };
         let Some(msg) = next else {
             return Ok(());
         };
         let msg = msg.map_err(|e| stream_err(format!("reading: {e}")))?;
+        watchdog.delivered();
         let (seq, left) = msg
             .info()
             .map(|i| (i.stream_sequence, i.pending))
             .unwrap_or((0, 1));
+        next_seq = next_seq.max(seq + 1);
         if filter.keeps(&seen(&msg)) {
             let body = match msg
                 .headers
@@ -277,6 +297,54 @@ pub async fn run(
             }
         }
     }
+}
+
+/// An ordered consumer of `stream` (filtered by `filter_subject` unless empty) with its
+/// messages, the number pending at its start, and the first stream sequence it will deliver.
+async fn open_consumer(
+    stream: &jetstream::stream::Stream,
+    filter_subject: &str,
+    deliver_policy: consumer::DeliverPolicy,
+) -> Result<(consumer::pull::Ordered, u64, u64), String> {
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: filter_subject.to_owned(),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("creating a consumer: {e}"))?;
+    let info = consumer.cached_info();
+    let (pending, first) = (info.num_pending, info.delivered.stream_sequence + 1);
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| format!("reading: {e}"))?;
+    Ok((messages, pending, first))
+}
+
+/// One tick of the stall check: whether the consumer, quiet since the last message, counts as
+/// stalled while the stream holds messages at or past `next_seq` for this tail (by the last
+/// message of `filter_subject` when it filters). Unanswered requests count as "holds none".
+async fn stalled(
+    stream: &mut jetstream::stream::Stream,
+    filter_subject: &str,
+    watchdog: &mut Watchdog,
+    next_seq: u64,
+) -> bool {
+    let (messages, last) = if filter_subject.is_empty() {
+        match tokio::time::timeout(API_TIMEOUT, stream.info()).await {
+            Ok(Ok(info)) => (info.state.messages, info.state.last_sequence),
+            _ => (0, 0),
+        }
+    } else {
+        let last = stream.get_last_raw_message_by_subject(filter_subject);
+        match tokio::time::timeout(API_TIMEOUT, last).await {
+            Ok(Ok(m)) => (1, m.sequence),
+            _ => (0, 0),
+        }
+    };
+    watchdog.quiet_tick(messages, last, next_seq) && holds_message(stream, last, API_TIMEOUT).await
 }
 
 async fn read_large(
@@ -452,6 +520,82 @@ fn row_summary(row: Option<&serde_json::Map<String, Value>>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The stall check against a real stream: the quiet ticks it allows, then a stall while
+    /// the stream holds messages past the next expected one; never for a caught-up tail, nor
+    /// for a filtered one whose subject has nothing past it (other subjects may).
+    #[tokio::test]
+    async fn the_stall_check_counts_only_messages_this_tail_would_get() -> anyhow::Result<()> {
+        let nats = testkit::Nats::start().await?;
+        let js = jetstream::new(async_nats::connect(nats.url()).await?);
+        let mut stream = js
+            .create_stream(jetstream::stream::Config {
+                name: "T".into(),
+                subjects: vec!["t.>".into()],
+                ..Default::default()
+            })
+            .await?;
+        for subject in ["t.a", "t.a", "t.b"] {
+            js.publish(subject, "{}".into()).await?.await?;
+        }
+        // Unfiltered, expecting 2 of 1..=3: quiet ticks, then a stall.
+        let mut w = Watchdog::allowing(STALL_TICKS);
+        for _ in 0..STALL_TICKS {
+            assert!(!stalled(&mut stream, "", &mut w, 2).await);
+        }
+        assert!(stalled(&mut stream, "", &mut w, 2).await);
+        // Caught up.
+        let mut w = Watchdog::allowing(STALL_TICKS);
+        for _ in 0..=STALL_TICKS {
+            assert!(!stalled(&mut stream, "", &mut w, 4).await);
+        }
+        // Filtered by t.a, whose last message is 2: expecting 3, nothing is owed (3 is t.b's).
+        let mut w = Watchdog::allowing(STALL_TICKS);
+        for _ in 0..=STALL_TICKS {
+            assert!(!stalled(&mut stream, "t.a", &mut w, 3).await);
+        }
+        // Expecting 2 of t.a: owed.
+        for _ in 0..STALL_TICKS {
+            assert!(!stalled(&mut stream, "t.a", &mut w, 2).await);
+        }
+        assert!(stalled(&mut stream, "t.a", &mut w, 2).await);
+        // A subject without messages owes nothing.
+        let mut w = Watchdog::allowing(STALL_TICKS);
+        for _ in 0..=STALL_TICKS {
+            assert!(!stalled(&mut stream, "t.none", &mut w, 1).await);
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_new_consumer_reports_the_first_sequence_it_delivers() -> anyhow::Result<()> {
+        let nats = testkit::Nats::start().await?;
+        let js = jetstream::new(async_nats::connect(nats.url()).await?);
+        let stream = js
+            .create_stream(jetstream::stream::Config {
+                name: "T".into(),
+                subjects: vec!["t.>".into()],
+                ..Default::default()
+            })
+            .await?;
+        for subject in ["t.a", "t.b", "t.a"] {
+            js.publish(subject, "{}".into()).await?.await?;
+        }
+        let from = |s| consumer::DeliverPolicy::ByStartSequence { start_sequence: s };
+        let (_, pending, first) = open_consumer(&stream, "", from(2))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        assert_eq!((pending, first), (2, 2));
+        let (_, pending, first) = open_consumer(&stream, "t.a", from(1))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        assert_eq!((pending, first), (2, 1));
+        let (_, pending, first) = open_consumer(&stream, "", consumer::DeliverPolicy::New)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        assert_eq!((pending, first), (0, 4));
+        Ok(())
+    }
 
     fn event(json: &str) -> ChangeEvent {
         serde_json::from_str(json).expect("event")

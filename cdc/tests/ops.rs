@@ -621,9 +621,27 @@ async fn tail_prints_filters_and_follows() -> Result<()> {
     sql.batch_execute("INSERT INTO items VALUES (5, 'live')")
         .await?;
     follow.wait_for_output("id=5 v=\"live\"", WAIT).await?;
+    // Quiet while the stream's newest message is another table's: the stall check (a tick a
+    // second, a stall after 2 quiet ones while the stream holds more for this tail) must not
+    // take that for a stalled consumer. Nothing observable happens, so the test can only wait.
+    sql.batch_execute("INSERT INTO other VALUES (11)").await?;
+    env.wait_for_events(9, WAIT).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    sql.batch_execute("INSERT INTO items VALUES (6, 'after a quiet while')")
+        .await?;
+    follow
+        .wait_for_output("id=6 v=\"after a quiet while\"", WAIT)
+        .await?;
     follow.signal(Signal::Int)?;
     let status = follow.wait_with_timeout(Duration::from_secs(5)).await?;
     ensure!(status.success(), "{status}\n{}", follow.describe());
+    let out = follow.describe();
+    ensure!(
+        out.matches("id=5 v=\"live\"").count() == 1
+            && !out.contains("public.other")
+            && !out.contains("reading again"),
+        "{out}"
+    );
     Ok(())
 }
 

@@ -30,6 +30,7 @@ use std::time::Duration;
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
 use cdc::envelope::{ChangeEvent, Heartbeat, HEADER_LARGE_REF};
+use cdc::stall::{holds_message, Watchdog};
 use futures::{FutureExt, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
@@ -54,7 +55,7 @@ const APPLY_QUEUE: usize = 4;
 const PARTS_AHEAD: usize = 1;
 /// Status ticks in a row without a delivered message, while the stream holds messages at or
 /// past the agent's position, that a consumer may be quiet; the next such tick counts it as
-/// stalled (see [`Watchdog`]).
+/// stalled (see [`Watchdog`]: a stall costs 2–3 s instead of async-nats' minute).
 const STALL_TICKS: u32 = 2;
 
 /// Errors of the follow loop. Only store errors stop the agent; NATS errors are retried.
@@ -390,7 +391,7 @@ impl<'a> Session<'a> {
             stream: None,
             applied_any: false,
             applier,
-            watchdog: Watchdog::default(),
+            watchdog: Watchdog::allowing(STALL_TICKS),
         }
     }
 
@@ -463,7 +464,7 @@ impl<'a> Session<'a> {
                             let (messages, last) = (info.state.messages, info.state.last_sequence);
                             self.store.set_stream_last_seq(last);
                             if self.watchdog.quiet_tick(messages, last, self.expected_seq)
-                                && holds_message(&stream, last).await
+                                && holds_message(&stream, last, API_TIMEOUT).await
                             {
                                 self.apply_ready().await?;
                                 return Err(SessionError::Stalled(self.expected_seq));
@@ -675,70 +676,6 @@ impl<'a> Session<'a> {
     }
 }
 
-/// Notices a consumer that stopped delivering while the stream holds messages for it.
-///
-/// The benchmark's apply row paused for exactly 60 s twice in about forty runs on a busy
-/// two-core machine: what async-nats' ordered consumer waits, when nothing arrives, before it
-/// re-creates itself (two missed-heartbeat timeouts of 30 s). The likely cause: its pull
-/// consumer counts the messages it asked for and asks again only when fewer than half of a
-/// batch remain outstanding, and under load that count can run ahead of what the server
-/// still owes; the server, its requests fulfilled, then sends nothing, not even heartbeats.
-///
-/// The follow loop counts its status ticks without a delivered message while the stream holds
-/// a message at or past the agent's position, and on the tick after [`STALL_TICKS`] of them
-/// starts a new consumer from the applied position: a stall costs 2–3 s instead of a minute,
-/// and nothing is applied twice or skipped.
-///
-/// `view-agent replay` uses the same check on its own consumer, with its idle waits as ticks.
-#[derive(Debug)]
-pub(crate) struct Watchdog {
-    quiet_ticks: u32,
-    /// Quiet ticks allowed; the next one is a stall.
-    allowed: u32,
-}
-
-impl Default for Watchdog {
-    fn default() -> Self {
-        Watchdog::allowing(STALL_TICKS)
-    }
-}
-
-impl Watchdog {
-    /// A watchdog that allows `ticks` quiet ticks in a row.
-    pub(crate) fn allowing(ticks: u32) -> Self {
-        Watchdog {
-            quiet_ticks: 0,
-            allowed: ticks,
-        }
-    }
-
-    /// A message arrived.
-    pub(crate) fn delivered(&mut self) {
-        self.quiet_ticks = 0;
-    }
-
-    /// A tick without a message: the stream holds `messages` up to `last_seq`; `expected` is
-    /// the next sequence the consumer owes. True when the consumer counts as stalled.
-    pub(crate) fn quiet_tick(&mut self, messages: u64, last_seq: u64, expected: u64) -> bool {
-        let holds_more = messages > 0 && last_seq >= expected;
-        if !holds_more {
-            self.quiet_ticks = 0;
-            return false;
-        }
-        self.quiet_ticks += 1;
-        self.quiet_ticks > self.allowed
-    }
-}
-
-/// Whether `stream` still holds its message `seq` (a stream whose last message was deleted
-/// has nothing left to deliver; an unanswered probe counts as "no").
-pub(crate) async fn holds_message(stream: &jetstream::stream::Stream, seq: u64) -> bool {
-    matches!(
-        tokio::time::timeout(API_TIMEOUT, stream.get_raw_message(seq)).await,
-        Ok(Ok(_))
-    )
-}
-
 /// Reads the body of a large event from the `<stream>_LARGE` object store (`cache` keeps the
 /// bucket handle between calls).
 pub(crate) async fn fetch_large(
@@ -772,46 +709,4 @@ pub(crate) async fn fetch_large(
     tokio::time::timeout(API_TIMEOUT * 12, fetch)
         .await
         .map_err(|e| format!("large event object {name}: {e}"))?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{Watchdog, STALL_TICKS};
-
-    #[test]
-    fn a_consumer_is_stalled_after_quiet_ticks_while_the_stream_holds_more() {
-        let mut w = Watchdog::default();
-        // The stream holds 1..=10; the agent wants 5.
-        for _ in 0..STALL_TICKS {
-            assert!(!w.quiet_tick(10, 10, 5));
-        }
-        assert!(w.quiet_tick(10, 10, 5));
-    }
-
-    #[test]
-    fn a_delivered_message_or_a_caught_up_agent_resets_the_count() {
-        let mut w = Watchdog::default();
-        for _ in 0..STALL_TICKS {
-            assert!(!w.quiet_tick(10, 10, 5));
-        }
-        w.delivered();
-        for _ in 0..STALL_TICKS {
-            assert!(!w.quiet_tick(10, 10, 6));
-        }
-        // Caught up (wants 11 of a stream ending at 10): never stalled, and the count restarts.
-        assert!(!w.quiet_tick(10, 10, 11));
-        for _ in 0..STALL_TICKS {
-            assert!(!w.quiet_tick(11, 11, 11));
-        }
-        assert!(w.quiet_tick(11, 11, 11));
-    }
-
-    #[test]
-    fn an_empty_stream_never_stalls() {
-        let mut w = Watchdog::default();
-        for _ in 0..10 {
-            // Purged: first = last + 1, no messages.
-            assert!(!w.quiet_tick(0, 10, 5));
-        }
-    }
 }

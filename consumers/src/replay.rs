@@ -18,6 +18,7 @@ use std::time::Duration;
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
 use cdc::envelope::{ChangeEvent, HEADER_LARGE_REF};
+use cdc::stall::{holds_message, Watchdog};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -30,7 +31,7 @@ const SHADOW_BATCH: usize = 2_048;
 /// With no message for this long, the rebuild checks whether it has caught up.
 const IDLE: Duration = Duration::from_millis(200);
 /// Idle waits in a row, while the stream holds messages past what the rebuild read, after
-/// which its consumer counts as stalled and is re-created (see `follow::Watchdog`): 2.4 s.
+/// which its consumer counts as stalled and is re-created (see [`Watchdog`]): 2.4 s.
 const STALL_IDLES: u32 = 12;
 /// Timeout of one JetStream API request.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
@@ -307,7 +308,7 @@ impl Rebuild {
         let (schema, table) = shadow.source();
         let table_subject = cdc::subject::table_subject(&self.nats.subject_prefix, schema, table);
         let mut buf: Vec<ChangeEvent> = Vec::new();
-        let mut watchdog = crate::follow::Watchdog::allowing(STALL_IDLES);
+        let mut watchdog = Watchdog::allowing(STALL_IDLES);
         'session: loop {
             watchdog.delivered();
             let policy = match read_seq {
@@ -374,7 +375,7 @@ impl Rebuild {
                         {
                             let (messages, last) = (info.state.messages, info.state.last_sequence);
                             if watchdog.quiet_tick(messages, last, read + 1)
-                                && crate::follow::holds_message(&stream, last).await
+                                && holds_message(&stream, last, API_TIMEOUT).await
                             {
                                 tracing::warn!(
                                     seq = read + 1,
