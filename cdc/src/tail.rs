@@ -521,23 +521,31 @@ fn row_summary(row: Option<&serde_json::Map<String, Value>>) -> String {
 mod tests {
     use super::*;
 
-    /// The stall check against a real stream: the quiet ticks it allows, then a stall while
-    /// the stream holds messages past the next expected one; never for a caught-up tail, nor
-    /// for a filtered one whose subject has nothing past it (other subjects may).
-    #[tokio::test]
-    async fn the_stall_check_counts_only_messages_this_tail_would_get() -> anyhow::Result<()> {
+    /// A private NATS server with stream `T` (`t.>`) holding one message per subject given.
+    async fn stream_holding(
+        subjects: &[&'static str],
+    ) -> anyhow::Result<(testkit::Nats, jetstream::stream::Stream)> {
         let nats = testkit::Nats::start().await?;
         let js = jetstream::new(async_nats::connect(nats.url()).await?);
-        let mut stream = js
+        let stream = js
             .create_stream(jetstream::stream::Config {
                 name: "T".into(),
                 subjects: vec!["t.>".into()],
                 ..Default::default()
             })
             .await?;
-        for subject in ["t.a", "t.a", "t.b"] {
+        for &subject in subjects {
             js.publish(subject, "{}".into()).await?.await?;
         }
+        Ok((nats, stream))
+    }
+
+    /// The stall check against a real stream: the quiet ticks it allows, then a stall while
+    /// the stream holds messages past the next expected one; never for a caught-up tail, nor
+    /// for a filtered one whose subject has nothing past it (other subjects may).
+    #[tokio::test]
+    async fn the_stall_check_counts_only_messages_this_tail_would_get() -> anyhow::Result<()> {
+        let (_nats, mut stream) = stream_holding(&["t.a", "t.a", "t.b"]).await?;
         // Unfiltered, expecting 2 of 1..=3: quiet ticks, then a stall.
         let mut w = Watchdog::allowing(STALL_TICKS);
         for _ in 0..STALL_TICKS {
@@ -569,18 +577,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_consumer_reports_the_first_sequence_it_delivers() -> anyhow::Result<()> {
-        let nats = testkit::Nats::start().await?;
-        let js = jetstream::new(async_nats::connect(nats.url()).await?);
-        let stream = js
-            .create_stream(jetstream::stream::Config {
-                name: "T".into(),
-                subjects: vec!["t.>".into()],
-                ..Default::default()
-            })
-            .await?;
-        for subject in ["t.a", "t.b", "t.a"] {
-            js.publish(subject, "{}".into()).await?.await?;
-        }
+        let (_nats, stream) = stream_holding(&["t.a", "t.b", "t.a"]).await?;
         let from = |s| consumer::DeliverPolicy::ByStartSequence { start_sequence: s };
         let (_, pending, first) = open_consumer(&stream, "", from(2))
             .await
