@@ -623,10 +623,18 @@ async fn tail_prints_filters_and_follows() -> Result<()> {
     follow.wait_for_output("id=5 v=\"live\"", WAIT).await?;
     // Quiet while the stream's newest message is another table's: the stall check (a tick a
     // second, a stall after 2 quiet ones while the stream holds more for this tail) must not
-    // take that for a stalled consumer. Nothing observable happens, so the test can only wait.
+    // take that for a stalled consumer: a re-read would say so on stderr within 3 s, so the
+    // test waits 4 s for that line (returning early if it comes) and expects none.
     sql.batch_execute("INSERT INTO other VALUES (11)").await?;
     env.wait_for_events(9, WAIT).await?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    ensure!(
+        follow
+            .wait_for_output("reading again", Duration::from_secs(4))
+            .await
+            .is_err(),
+        "a quiet tail was taken for a stalled one:\n{}",
+        follow.describe()
+    );
     sql.batch_execute("INSERT INTO items VALUES (6, 'after a quiet while')")
         .await?;
     follow
