@@ -49,20 +49,8 @@ struct Outcome {
     store_alone_cpu_us_per_event: f64,
     /// CPUs of this machine.
     cores: usize,
-    /// [`cpu_bound`] of the parts above.
+    /// [`report::cpu_bound`] of the parts above (decoding free).
     cpu_bound_events_per_sec: f64,
-}
-
-/// The rate `cores` CPUs would allow if following cost no more than its parts measured here
-/// (µs of CPU per event: the raw consumer's, agent and nats-server, plus the store's alone;
-/// decoding free) and the parts overlapped perfectly.
-fn cpu_bound(cores: usize, parts_us_per_event: &[f64]) -> f64 {
-    let per_event: f64 = parts_us_per_event.iter().sum();
-    if per_event > 0.0 {
-        cores as f64 * 1e6 / per_event
-    } else {
-        f64::INFINITY
-    }
 }
 
 fn view() -> ViewConfig {
@@ -252,7 +240,7 @@ pub async fn run(events: u64) -> Result<RowReport> {
         report::micros_per(raw_cpu[1], consumed),
     );
     let store_us = report::micros_per(store_cpu[0], events);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = report::cores();
     let outcome = Outcome {
         events,
         events_per_tx: TX_SIZE,
@@ -267,7 +255,7 @@ pub async fn run(events: u64) -> Result<RowReport> {
         store_alone_secs: store_alone.as_secs_f64(),
         store_alone_cpu_us_per_event: store_us,
         cores,
-        cpu_bound_events_per_sec: cpu_bound(cores, &[raw_us, raw_nats_us, store_us]),
+        cpu_bound_events_per_sec: report::cpu_bound(cores, &[raw_us, raw_nats_us, store_us]),
     };
     Ok(RowReport {
         name: "apply",

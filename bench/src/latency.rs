@@ -362,7 +362,7 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<(RowReport, Vec<
     let load_end = Instant::now();
     let cpu = cpu.used();
     let machine_busy_percent = machine.busy_percent();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cpus = report::cores() as f64;
     let own_busy_percent = 100.0 * own().saturating_sub(own_start).as_secs_f64()
         / (load_start.elapsed().as_secs_f64() * cpus);
     let pg_cpu = pipeline::children_cpu(pg_pid).saturating_sub(pg_cpu);

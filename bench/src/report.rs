@@ -119,6 +119,23 @@ pub fn micros_per(cpu: Duration, n: u64) -> f64 {
     cpu.as_secs_f64() * 1e6 / n.max(1) as f64
 }
 
+/// The rate `cores` CPUs would allow if a job cost no more than its parts measured beside it
+/// (µs of CPU per item each) and the parts overlapped perfectly: what the machine allows, not
+/// what any one part could do alone.
+pub fn cpu_bound(cores: usize, parts_us_per_item: &[f64]) -> f64 {
+    let per_item: f64 = parts_us_per_item.iter().sum();
+    if per_item > 0.0 {
+        cores as f64 * 1e6 / per_item
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// The CPUs of this machine.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Milliseconds with a precision that suits the size.
 pub fn ms(v: f64) -> String {
     if v < 10.0 {

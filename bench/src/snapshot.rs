@@ -1,6 +1,8 @@
 //! Row 3, snapshot: the `cdc` binary's initial snapshot of a table into the stream (from process
 //! start until every row has its PubAck), beside `COPY … TO STDOUT` of the same table through
-//! psql to /dev/null, in the same run.
+//! psql to /dev/null, in the same run. From the CPU the reader and nats-server spent per row,
+//! and COPY's time per row as Postgres' part, follows what this machine's CPUs allow for the
+//! three together, overlap perfect (the second ceiling).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,6 +26,10 @@ struct Outcome {
     snapshot_secs: f64,
     reader_cpu_us_per_row: f64,
     nats_cpu_us_per_row: f64,
+    /// CPUs of this machine.
+    cores: usize,
+    /// [`report::cpu_bound`] of reader, nats-server and COPY (its wall time per row).
+    cpu_bound_rows_per_sec: f64,
 }
 
 /// Runs row 3 on a table of `rows` rows.
@@ -83,13 +89,19 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
     let nats_cpu = nats_cpu.used()[0];
     pipeline::stop(&mut reader).await?;
 
+    let reader_us = report::micros_per(reader_cpu, rows);
+    let nats_us = report::micros_per(nats_cpu, rows);
+    let copy_us = copy_secs * 1e6 / rows.max(1) as f64;
+    let cores = report::cores();
     let outcome = Outcome {
         rows,
         chunk_rows,
         copy_secs,
         snapshot_secs,
-        reader_cpu_us_per_row: report::micros_per(reader_cpu, rows),
-        nats_cpu_us_per_row: report::micros_per(nats_cpu, rows),
+        reader_cpu_us_per_row: reader_us,
+        nats_cpu_us_per_row: nats_us,
+        cores,
+        cpu_bound_rows_per_sec: report::cpu_bound(cores, &[reader_us, nats_us, copy_us]),
     };
     Ok(RowReport {
         name: "snapshot",
@@ -117,10 +129,13 @@ fn line(o: &Outcome) -> Line {
             o.nats_cpu_us_per_row
         ),
         beside: format!(
-            "COPY … TO STDOUT → /dev/null {} rows/s ({:.2} s; snapshot = {})",
+            "COPY … TO STDOUT → /dev/null {} rows/s ({:.2} s; snapshot = {}); the {} CPUs' bound for reader, nats-server and COPY together {}/s ({})",
             report::rate(copy),
             o.copy_secs,
-            report::percent(snap, copy)
+            report::percent(snap, copy),
+            o.cores,
+            report::rate(o.cpu_bound_rows_per_sec),
+            report::percent(snap, o.cpu_bound_rows_per_sec),
         ),
         targets: vec![Target::new(
             format!("≥ {} rows/s", report::rate(TARGET_ROWS_PER_SEC)),
