@@ -150,7 +150,14 @@ impl ChangeEvent {
 
 /// Formats a de-duplication id, `<commit_lsn>:<ordinal>`.
 pub fn msg_id(commit_lsn: Lsn, ordinal: u64) -> String {
-    format!("{commit_lsn}:{ordinal}")
+    let lsn = commit_lsn.text();
+    let mut digits = itoa::Buffer::new();
+    let ordinal = digits.format(ordinal);
+    let mut id = String::with_capacity(lsn.as_str().len() + 1 + ordinal.len());
+    id.push_str(lsn.as_str());
+    id.push(':');
+    id.push_str(ordinal);
+    id
 }
 
 /// Parses a de-duplication id back into its commit LSN and ordinal.

@@ -13,11 +13,54 @@ pub struct Lsn(pub u64);
 impl Lsn {
     /// The zero position (`0/0`), which Postgres uses for "none".
     pub const ZERO: Lsn = Lsn(0);
+
+    /// The `X/Y` text in a buffer on the stack: what [`Display`](fmt::Display) prints, without
+    /// the formatting machinery (the reader writes an LSN several times per event).
+    pub fn text(self) -> LsnText {
+        let mut text = LsnText {
+            buf: [0; LsnText::MAX],
+            len: 0,
+        };
+        text.push_hex((self.0 >> 32) as u32);
+        text.buf[text.len] = b'/';
+        text.len += 1;
+        text.push_hex(self.0 as u32);
+        text
+    }
+}
+
+/// An LSN's `X/Y` text (see [`Lsn::text`]).
+#[derive(Clone, Copy)]
+pub struct LsnText {
+    buf: [u8; LsnText::MAX],
+    len: usize,
+}
+
+impl LsnText {
+    /// Two 8-digit halves and the slash.
+    const MAX: usize = 17;
+
+    /// Appends `v` in upper-case hex without leading zeros (`0` for zero).
+    fn push_hex(&mut self, v: u32) {
+        const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+        let digits = (32 - v.leading_zeros()).div_ceil(4).max(1) as usize;
+        for i in 0..digits {
+            let nibble = (v >> (4 * (digits - 1 - i))) & 0xF;
+            self.buf[self.len + i] = DIGITS[nibble as usize];
+        }
+        self.len += digits;
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits and '/' are ever written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("0/0")
+    }
 }
 
 impl fmt::Display for Lsn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+        f.pad(self.text().as_str())
     }
 }
 
@@ -49,15 +92,15 @@ impl Serialize for Lsn {
 
 impl<'de> Deserialize<'de> for Lsn {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_str(LsnText)
+        d.deserialize_str(LsnVisitor)
     }
 }
 
 /// Parses an LSN where the deserializer holds its text (through a `Cow<str>`, serde copies
 /// it into a `String` first: two allocations per event envelope).
-struct LsnText;
+struct LsnVisitor;
 
-impl serde::de::Visitor<'_> for LsnText {
+impl serde::de::Visitor<'_> for LsnVisitor {
     type Value = Lsn;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -90,6 +133,9 @@ mod tests {
     fn formats_like_postgres() {
         assert_eq!(Lsn(0x16B3748).to_string(), "0/16B3748");
         assert_eq!(Lsn(0x1_0000_00FF).to_string(), "1/FF");
+        assert_eq!(Lsn::ZERO.to_string(), "0/0");
+        assert_eq!(Lsn(u64::MAX).to_string(), "FFFFFFFF/FFFFFFFF");
+        assert_eq!(format!("{:>6}|", Lsn(0x10)), "  0/10|");
         assert_eq!("0/16B3748".parse::<Lsn>(), Ok(Lsn(0x16B3748)));
         assert_eq!("a/ff".parse::<Lsn>(), Ok(Lsn(0xA_0000_00FF)));
     }
@@ -123,6 +169,13 @@ mod tests {
         #[test]
         fn round_trips(v in any::<u64>()) {
             prop_assert_eq!(Lsn(v).to_string().parse::<Lsn>(), Ok(Lsn(v)));
+        }
+
+        #[test]
+        fn text_is_what_format_prints(v in any::<u64>()) {
+            let formatted = format!("{:X}/{:X}", v >> 32, v & 0xFFFF_FFFF);
+            let text = Lsn(v).text();
+            prop_assert_eq!(text.as_str(), formatted.as_str());
         }
 
         #[test]

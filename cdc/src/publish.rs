@@ -373,7 +373,7 @@ impl StreamSink {
             headers.insert(names.table.clone(), HeaderValue::from(&*ev.table));
             headers.insert(
                 names.commit_lsn.clone(),
-                HeaderValue::from(ev.commit_lsn.to_string()),
+                HeaderValue::from(ev.commit_lsn.text().as_str()),
             );
         }
         let limit = self.client.max_payload();

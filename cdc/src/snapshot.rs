@@ -634,6 +634,9 @@ pub fn encode_rows(
     let table: Arc<str> = Arc::from(format!("{}.{}", shape.schema, shape.table));
     let n = keep.len();
     let ts = now_ms();
+    // The same for every row of the chunk: written once, copied per row.
+    let (at_text, mut ts_digits) = (at.text(), itoa::Buffer::new());
+    let (at_text, ts_text) = (at_text.as_str().as_bytes(), ts_digits.format(ts).as_bytes());
     keep.iter()
         .enumerate()
         .map(|(i, &row)| {
@@ -657,11 +660,32 @@ pub fn encode_rows(
             body.extend_from_slice(b",\"table\":");
             write_json_str(&mut body, &shape.table);
             let ordinal = i as u64 + 1;
-            let _ = write!(
-                body,
-                ",\"lsn\":\"{at}\",\"commit_lsn\":\"{at}\",\"txId\":null,\"ts_ms\":{ts},\"snapshot\":true}},\"transaction\":{{\"id\":\"snapshot:{at}\",\"total_order\":{ordinal},\"data_collection_order\":{ordinal},\"last\":{}}},\"ts_ms\":{ts}}}",
-                ordinal == n as u64
-            );
+            let mut digits = itoa::Buffer::new();
+            let ordinal_text = digits.format(ordinal).as_bytes();
+            let last = ordinal == n as u64;
+            for part in [
+                &b",\"lsn\":\""[..],
+                at_text,
+                b"\",\"commit_lsn\":\"",
+                at_text,
+                b"\",\"txId\":null,\"ts_ms\":",
+                ts_text,
+                b",\"snapshot\":true},\"transaction\":{\"id\":\"snapshot:",
+                at_text,
+                b"\",\"total_order\":",
+                ordinal_text,
+                b",\"data_collection_order\":",
+                ordinal_text,
+                if last {
+                    b",\"last\":true},\"ts_ms\":"
+                } else {
+                    b",\"last\":false},\"ts_ms\":"
+                },
+                ts_text,
+                b"}",
+            ] {
+                body.extend_from_slice(part);
+            }
             EncodedEvent {
                 op: Op::Read,
                 subject: subject.clone(),
@@ -669,7 +693,7 @@ pub fn encode_rows(
                 commit_lsn: at,
                 ordinal,
                 body,
-                last: ordinal == n as u64,
+                last,
             }
         })
         .collect()
@@ -765,6 +789,7 @@ pub struct SnapshotQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::ChangeEvent;
     use proptest::prelude::*;
 
     /// `COPY (SELECT …) TO STDOUT` from Postgres 15 of two rows: tabs, newlines, backslashes,
@@ -813,6 +838,50 @@ mod tests {
             ]
         );
         assert_eq!(rows.key(1, &[0, 3]), vec!["2".to_string(), "plain".into()]);
+    }
+
+    #[test]
+    fn encoded_rows_are_envelopes_of_one_snapshot_read() {
+        let shape = TableShape {
+            schema: "public".into(),
+            table: "top_clients".into(),
+            columns: vec![("id".into(), 20), ("name".into(), 25)],
+            key: vec![("id".into(), "bigint".into())],
+            key_index: vec![0],
+        };
+        let rows = ChunkRows::from_copy_text(b"7\tclient \"7\"\n8\t\\N\n", 2).expect("parses");
+        let at = Lsn(0x1_0000_00AB);
+        let events = encode_rows(
+            "shop",
+            "cdc",
+            &shape,
+            &TypeRegistry::new(),
+            &rows,
+            &[0, 1],
+            at,
+        );
+        assert_eq!(events.len(), 2);
+        for (i, encoded) in events.iter().enumerate() {
+            let ev: ChangeEvent = serde_json::from_slice(&encoded.body).expect("an envelope");
+            assert_eq!(ev.op, Op::Read);
+            assert_eq!((ev.source.lsn, ev.source.commit_lsn), (at, at));
+            assert!(ev.source.snapshot);
+            assert_eq!(ev.source.table, "top_clients");
+            assert_eq!(ev.ts_ms, ev.source.ts_ms);
+            assert_eq!(ev.msg_id(), format!("1/AB:{}", i + 1));
+            let tx = ev.transaction.expect("transaction block");
+            assert_eq!(tx.id, "snapshot:1/AB");
+            assert_eq!(
+                (tx.total_order, tx.data_collection_order),
+                (i as u64 + 1, i as u64 + 1)
+            );
+            assert_eq!(tx.last, i == 1);
+            assert_eq!(encoded.last, i == 1);
+        }
+        let first: ChangeEvent = serde_json::from_slice(&events[0].body).expect("an envelope");
+        let after = first.after.expect("after");
+        assert_eq!(after["id"], serde_json::json!(7));
+        assert_eq!(after["name"], serde_json::json!("client \"7\""));
     }
 
     #[test]
