@@ -6,7 +6,6 @@
 //! memory stays at one event whatever the size of the transaction.
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -339,7 +338,9 @@ impl ChangeBuilder {
             // The tail left open by `change`.
             ev.body
                 .extend_from_slice(if last { b"true}," } else { b"false}," });
-            let _ = write!(ev.body, "\"ts_ms\":{}}}", now_ms());
+            ev.body.extend_from_slice(b"\"ts_ms\":");
+            push_int(&mut ev.body, now_ms());
+            ev.body.push(b'}');
             out.push(Output::Event(ev));
         }
     }
@@ -408,20 +409,18 @@ impl ChangeBuilder {
         }
         body.extend_from_slice(b"],\"source\":{");
         body.extend_from_slice(&cached.source_names);
-        let _ = write!(
-            body,
-            "\"lsn\":\"{lsn}\",\"commit_lsn\":\"{commit_lsn}\",\"txId\":"
-        );
+        body.extend_from_slice(b"\"lsn\":\"");
+        body.extend_from_slice(lsn.text().as_str().as_bytes());
+        body.extend_from_slice(b"\",\"commit_lsn\":\"");
+        body.extend_from_slice(commit_lsn.text().as_str().as_bytes());
+        body.extend_from_slice(b"\",\"txId\":");
         match xid {
-            Some(x) => {
-                let _ = write!(body, "{x}");
-            }
+            Some(x) => push_int(&mut body, x),
             None => body.extend_from_slice(b"null"),
         }
-        let _ = write!(
-            body,
-            ",\"ts_ms\":{tx_ts},\"snapshot\":false}},\"transaction\":"
-        );
+        body.extend_from_slice(b",\"ts_ms\":");
+        push_int(&mut body, tx_ts);
+        body.extend_from_slice(b",\"snapshot\":false},\"transaction\":");
         let ev = EncodedEvent {
             op,
             subject: cached.subject.clone(),
@@ -434,16 +433,24 @@ impl ChangeBuilder {
         match xid {
             Some(x) => {
                 let mut ev = ev;
-                let _ = write!(
-                    ev.body,
-                    "{{\"id\":\"{x}:{commit_lsn}\",\"total_order\":{ordinal},\"data_collection_order\":{per_table},\"last\":"
-                );
+                let b = &mut ev.body;
+                b.extend_from_slice(b"{\"id\":\"");
+                push_int(b, x);
+                b.push(b':');
+                b.extend_from_slice(commit_lsn.text().as_str().as_bytes());
+                b.extend_from_slice(b"\",\"total_order\":");
+                push_int(b, ordinal);
+                b.extend_from_slice(b",\"data_collection_order\":");
+                push_int(b, per_table);
+                b.extend_from_slice(b",\"last\":");
                 self.pending = Some(ev);
             }
             None => {
                 // Outside a transaction (never for row changes in practice): no tail to wait for.
                 let mut ev = ev;
-                let _ = write!(ev.body, "null,\"ts_ms\":{}}}", now_ms());
+                ev.body.extend_from_slice(b"null,\"ts_ms\":");
+                push_int(&mut ev.body, now_ms());
+                ev.body.push(b'}');
                 out.push(Output::Event(ev));
             }
         }
@@ -509,6 +516,11 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// Appends `v` in decimal (the envelope's numbers are written per event; `write!` costs more).
+fn push_int(out: &mut Vec<u8>, v: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 #[cfg(test)]
@@ -601,6 +613,8 @@ mod tests {
         assert_eq!(evs[0].source.db, "shop \"db\"");
         assert_eq!(evs[0].source.table, "t\u{e9}");
         assert_eq!(evs[0].source.commit_lsn, commit);
+        assert_eq!(evs[0].source.lsn, Lsn(0x400));
+        assert!(!evs[0].source.snapshot);
         assert_eq!(evs[0].source.tx_id, Some(9));
         assert_eq!(evs[0].source.ts_ms, 946_684_800_000);
         let t0 = evs[0].transaction.as_ref().expect("tx");
@@ -616,7 +630,13 @@ mod tests {
             json!({"id": 1, "n": "1.50"}).as_object().cloned()
         );
         assert_eq!(evs[1].unchanged_toast, vec!["doc".to_string()]);
-        assert!(evs[1].transaction.as_ref().expect("tx").last);
+        let t1 = evs[1].transaction.as_ref().expect("tx");
+        assert_eq!(
+            (t1.total_order, t1.data_collection_order, t1.last),
+            (2, 2, true)
+        );
+        assert_eq!(evs[1].msg_id(), "0/500:2");
+        assert!(evs[1].ts_ms > 0);
         assert!(matches!(
             out.last(),
             Some(Output::TxEnd {
