@@ -410,9 +410,9 @@ impl ChangeBuilder {
         body.extend_from_slice(b"],\"source\":{");
         body.extend_from_slice(&cached.source_names);
         body.extend_from_slice(b"\"lsn\":\"");
-        body.extend_from_slice(lsn.text().as_str().as_bytes());
+        body.extend_from_slice(lsn.text().as_bytes());
         body.extend_from_slice(b"\",\"commit_lsn\":\"");
-        body.extend_from_slice(commit_lsn.text().as_str().as_bytes());
+        body.extend_from_slice(commit_lsn.text().as_bytes());
         body.extend_from_slice(b"\",\"txId\":");
         match xid {
             Some(x) => push_int(&mut body, x),
@@ -437,7 +437,7 @@ impl ChangeBuilder {
                 b.extend_from_slice(b"{\"id\":\"");
                 push_int(b, x);
                 b.push(b':');
-                b.extend_from_slice(commit_lsn.text().as_str().as_bytes());
+                b.extend_from_slice(commit_lsn.text().as_bytes());
                 b.extend_from_slice(b"\",\"total_order\":");
                 push_int(b, ordinal);
                 b.extend_from_slice(b",\"data_collection_order\":");

@@ -51,6 +51,11 @@ impl LsnText {
         self.len += digits;
     }
 
+    /// The text's bytes (ASCII).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
     /// The text.
     pub fn as_str(&self) -> &str {
         // Only ASCII hex digits and '/' are ever written.
@@ -176,6 +181,7 @@ mod tests {
             let formatted = format!("{:X}/{:X}", v >> 32, v & 0xFFFF_FFFF);
             let text = Lsn(v).text();
             prop_assert_eq!(text.as_str(), formatted.as_str());
+            prop_assert_eq!(text.as_bytes(), formatted.as_bytes());
         }
 
         #[test]

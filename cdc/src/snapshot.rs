@@ -636,7 +636,7 @@ pub fn encode_rows(
     let ts = now_ms();
     // The same for every row of the chunk: written once, copied per row.
     let (at_text, mut ts_digits) = (at.text(), itoa::Buffer::new());
-    let (at_text, ts_text) = (at_text.as_str().as_bytes(), ts_digits.format(ts).as_bytes());
+    let (at_text, ts_text) = (at_text.as_bytes(), ts_digits.format(ts).as_bytes());
     keep.iter()
         .enumerate()
         .map(|(i, &row)| {
