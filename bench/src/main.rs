@@ -116,9 +116,6 @@ struct Results<'a> {
 }
 
 fn main() -> ExitCode {
-    // As the agent does, for the rows that run its library here (a setting of this process's
-    // allocator, not inherited by the servers it starts).
-    cdc::memory::return_freed_memory_at_once();
     let cli = Cli::parse();
     // The in-process agent's and clients' log lines, when asked for (`RUST_LOG=warn`, …).
     if std::env::var_os("RUST_LOG").is_some() {

@@ -8,9 +8,19 @@
 //! holding 1,000,000 rows from 160–170 MB to 110–130 MB, at the same throughput.
 //!
 //! mimalloc also keeps memory it freed resident for a while (10 ms, 100 ms for its arenas) in
-//! case it is allocated again. An agent's store churns through node copies of every size, so
-//! that memory was rarely taken again in time and its resident set grew during the copy of a
-//! large transaction into the views: [`return_freed_memory_at_once`].
+//! case it is allocated again, and purges it only when the thread that owns it next calls into
+//! the allocator. That is right for the steady state: an agent decodes a batch of events on
+//! one thread, applies and frees them on another, and decodes the next batch into the same
+//! pages. Returning freed memory at once instead (`purge_delay` 0) cost the apply row about 12%
+//! of the agent's CPU (18.2–18.8 against 15.8–16.1 µs per event, interleaved runs): each page
+//! emptied was returned, faulted in and zeroed again moments later, and each return interrupted
+//! the other CPU (TLB shootdown); delays of 1 or 3 ms cost the same. It is wrong while a large
+//! transaction is staged and copied, when memory is freed faster than it is taken again and the
+//! resident set grew by 6–10 MB (a 1,000,000-row transaction: an agent's peak 98–101 MB against
+//! 89–93 with the delay 0). So the agent returns freed memory where that happens, and only
+//! there: [`return_freed_memory`], on the thread that decodes the parts of a large transaction
+//! after handing each one over, and on the thread that stages and copies them after each batch
+//! (94–96 MB), and on the applying thread whenever it waits for sled's log.
 
 /// Opts this process out of transparent huge pages (`PR_SET_THP_DISABLE`); call it first in
 /// `main`. Memory already faulted in keeps its pages; everything faulted later uses 4 KiB
@@ -35,41 +45,19 @@ pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
     Ok(())
 }
 
-/// mimalloc's `mi_option_purge_delay` (its position in the `mi_option_e` enum of mimalloc v2's
-/// `mimalloc.h`; libmimalloc-sys names only some options).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Makes mimalloc return memory to the OS as soon as it frees it (`purge_delay` 0 instead of
-/// 10 ms), for a process whose allocator is mimalloc; call it first in `main`. Measured on the
-/// benchmark's memory row: a `view-agent` taking one 1,000,000-row transaction peaked at
-/// 96–111 MB (median 99, outliers to 122) instead of 105–111 MB (93–99 against 107–113 in a
-/// later interleaved A/B). It costs the apply rate on small transactions about 10% (quiet
-/// machine, interleaved: 104–110k against 116–125k events/s): pages returned at once are
-/// faulted in and zeroed again, and each return interrupts the other CPU (TLB shootdown).
-pub fn return_freed_memory_at_once() {
-    // SAFETY: mi_option_set takes two integers and stores the value in mimalloc's option
-    // table (the index is checked against mimalloc's default in this module's test). It is not
-    // synchronized, hence "first in main", before other threads start; mimalloc reads the
-    // option on each purge, so the change takes effect from then on.
+/// Returns to the OS, now, the memory the calling thread's allocator heap holds freed
+/// (mimalloc's `mi_collect(true)`: its empty pages, the purges it had delayed, the arenas'
+/// delayed purges). For a thread that just freed much and will not soon take it again.
+///
+/// It walks the thread's heap, so call it every few thousand freed allocations, not per
+/// allocation. Where mimalloc is not the global allocator (the tests) it returns what the
+/// thread allocated through mimalloc directly, which is usually nothing.
+pub fn return_freed_memory() {
+    // SAFETY: mi_collect takes a bool and works on the calling thread's own heap and on the
+    // process-wide arenas, which mimalloc synchronizes; any thread may call it at any time,
+    // also one whose heap was never initialized (it then returns at once).
     #[allow(unsafe_code)]
     unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0)
+        libmimalloc_sys::mi_collect(true)
     };
-}
-
-#[cfg(test)]
-mod tests {
-    /// The index is mimalloc's `purge_delay`: its default (10 ms, unless the environment sets
-    /// `MIMALLOC_PURGE_DELAY`) before, 0 after.
-    #[test]
-    fn purge_delay_is_the_option_set() {
-        // SAFETY: reads mimalloc's option table.
-        #[allow(unsafe_code)]
-        let get = || unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-            assert_eq!(get(), 10, "mimalloc v2's default purge delay");
-        }
-        super::return_freed_memory_at_once();
-        assert_eq!(get(), 0);
-    }
 }

@@ -316,7 +316,12 @@ impl Applier {
             events,
             _room: room,
         })
-        .await
+        .await?;
+        // The parts before this one were decoded on this thread and freed on the applier's:
+        // return that memory now (see `cdc::memory`), as the next part may be decoded on the
+        // other worker thread and the resident set of a large transaction would grow.
+        cdc::memory::return_freed_memory();
+        Ok(())
     }
 
     /// Waits until everything handed over is applied.

@@ -106,7 +106,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    cdc::memory::return_freed_memory_at_once();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     if let Err(e) = cdc::memory::disable_transparent_huge_pages() {

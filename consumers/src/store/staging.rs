@@ -277,7 +277,7 @@ impl Chunk {
             staging.apply_batch(self.out_of_staging)?;
             held.elapsed()
         };
-        pace.after_batch(2 * self.len, self.bytes)?;
+        pace.after_large_tx_batch(2 * self.len, self.bytes)?;
         Ok(held)
     }
 }
@@ -329,7 +329,7 @@ impl ViewStore {
             .apply_batch(batch)
             .map_err(|e| self.sled_err(e))?;
         self.pace
-            .after_batch(writes, bytes)
+            .after_large_tx_batch(writes, bytes)
             .map_err(|e| self.sled_err(e))
     }
 
