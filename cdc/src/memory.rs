@@ -20,7 +20,7 @@
 //! 89–93 with the delay 0). So the agent returns freed memory where that happens, and only
 //! there: [`return_freed_memory`], on the thread that decodes the parts of a large transaction
 //! after handing each one over, and on the thread that stages and copies them after each batch
-//! (94–96 MB), and on the applying thread whenever it waits for sled's log.
+//! (93–96 MB), and on the applying thread whenever it waits for sled's log.
 
 /// Opts this process out of transparent huge pages (`PR_SET_THP_DISABLE`); call it first in
 /// `main`. Memory already faulted in keeps its pages; everything faulted later uses 4 KiB

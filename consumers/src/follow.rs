@@ -317,9 +317,9 @@ impl Applier {
             _room: room,
         })
         .await?;
-        // The parts before this one were decoded on this thread and freed on the applier's:
-        // return that memory now (see `cdc::memory`), as the next part may be decoded on the
-        // other worker thread and the resident set of a large transaction would grow.
+        // The earlier parts were decoded on this thread and freed by the applier; a large
+        // transaction frees faster than it takes memory again, so return it now (see
+        // `cdc::memory`).
         cdc::memory::return_freed_memory();
         Ok(())
     }

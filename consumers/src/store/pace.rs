@@ -48,16 +48,7 @@ impl LogPace {
     /// applied, outside the read gate, on the thread that applied it: frees what it replaced
     /// and waits for sled's log when enough went in since the last wait.
     pub(super) fn after_batch(&self, writes: usize, bytes: usize) -> Result<(), sled::Error> {
-        reclaim(writes);
-        let writes = self.writes.fetch_add(writes, Relaxed) + writes;
-        let bytes = self.bytes.fetch_add(bytes, Relaxed) + bytes;
-        if writes >= WAIT_EVERY_WRITES || bytes >= WAIT_EVERY_BYTES {
-            self.writes.store(0, Relaxed);
-            self.bytes.store(0, Relaxed);
-            self.db.flush()?;
-            cdc::memory::return_freed_memory();
-        }
-        Ok(())
+        self.pace(writes, bytes, false)
     }
 
     /// [`LogPace::after_batch`] for a batch that stages or copies a large transaction, which
@@ -67,8 +58,23 @@ impl LogPace {
         writes: usize,
         bytes: usize,
     ) -> Result<(), sled::Error> {
-        self.after_batch(writes, bytes)?;
-        cdc::memory::return_freed_memory();
+        self.pace(writes, bytes, true)
+    }
+
+    /// Both of the above: `return_freed` returns freed memory even when there is no wait.
+    fn pace(&self, writes: usize, bytes: usize, return_freed: bool) -> Result<(), sled::Error> {
+        reclaim(writes);
+        let writes = self.writes.fetch_add(writes, Relaxed) + writes;
+        let bytes = self.bytes.fetch_add(bytes, Relaxed) + bytes;
+        let wait = writes >= WAIT_EVERY_WRITES || bytes >= WAIT_EVERY_BYTES;
+        if wait {
+            self.writes.store(0, Relaxed);
+            self.bytes.store(0, Relaxed);
+            self.db.flush()?;
+        }
+        if wait || return_freed {
+            cdc::memory::return_freed_memory();
+        }
         Ok(())
     }
 }
