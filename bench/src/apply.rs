@@ -22,7 +22,7 @@ use futures::StreamExt as _;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::pipeline::{self, CpuMeter};
+use crate::pipeline::{self, CpuMeter, ThreadMeter};
 use crate::report::{self, Line, RowReport, Target};
 
 /// Target: events/s applied.
@@ -45,6 +45,8 @@ struct Outcome {
     apply_secs: f64,
     apply_cpu_us_per_event: f64,
     apply_nats_cpu_us_per_event: f64,
+    /// The agent's CPU per event during the apply, by thread (name without digits).
+    apply_cpu_us_per_event_by_thread: std::collections::BTreeMap<String, f64>,
     store_alone_secs: f64,
     store_alone_cpu_us_per_event: f64,
     /// CPUs of this machine.
@@ -172,6 +174,7 @@ pub async fn run(events: u64) -> Result<RowReport> {
     let store = Arc::new(ViewStore::open_at(dir.path(), &[view()])?);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let cpu = CpuMeter::start(&[me, nats_pid]);
+    let threads = ThreadMeter::start();
     let t = Instant::now();
     let nats_config = NatsConfig {
         url: nats.url(),
@@ -196,6 +199,7 @@ pub async fn run(events: u64) -> Result<RowReport> {
     .await??;
     let apply_secs = t.elapsed().as_secs_f64();
     let apply_cpu = cpu.used();
+    let apply_threads = threads.used();
     let _ = stop.send(true);
     task.await??;
     store.flush()?;
@@ -252,6 +256,10 @@ pub async fn run(events: u64) -> Result<RowReport> {
         apply_secs,
         apply_cpu_us_per_event: report::micros_per(apply_cpu[0], events),
         apply_nats_cpu_us_per_event: report::micros_per(apply_cpu[1], events),
+        apply_cpu_us_per_event_by_thread: apply_threads
+            .into_iter()
+            .map(|(name, cpu)| (name, report::micros_per(cpu, events)))
+            .collect(),
         store_alone_secs: store_alone.as_secs_f64(),
         store_alone_cpu_us_per_event: store_us,
         cores,
@@ -278,10 +286,11 @@ fn line(o: &Outcome) -> Line {
             o.events_per_tx
         ),
         result: format!(
-            "**{} events/s** ({:.2} s); CPU per event: agent {:.1} µs, nats-server {:.1} µs",
+            "**{} events/s** ({:.2} s); CPU per event: agent {:.1} µs ({}), nats-server {:.1} µs",
             report::rate(apply),
             o.apply_secs,
             o.apply_cpu_us_per_event,
+            by_thread(&o.apply_cpu_us_per_event_by_thread),
             o.apply_nats_cpu_us_per_event
         ),
         beside: format!(
@@ -302,4 +311,20 @@ fn line(o: &Outcome) -> Line {
             apply >= TARGET_EVENTS_PER_SEC,
         )],
     }
+}
+
+/// `follow/decode 5.6 · applier 6.9 · sled I/O 1.2`: the agent's threads that matter, named for
+/// what they do (tokio's workers run the follow loop: NATS client, decoding, folding; the
+/// applier thread writes sled batches; sled's own threads write its log).
+fn by_thread(cpu: &std::collections::BTreeMap<String, f64>) -> String {
+    let sum = |pred: &dyn Fn(&str) -> bool| -> f64 {
+        cpu.iter().filter(|(n, _)| pred(n)).map(|(_, v)| v).sum()
+    };
+    let follow = sum(&|n| n.starts_with("tokio"));
+    let applier = sum(&|n| n == "view-apply");
+    let sled = sum(&|n| n.starts_with("sled") || n == "log flusher");
+    let other = sum(&|_| true) - follow - applier - sled;
+    format!(
+        "follow/decode {follow:.1} · applier {applier:.1} · sled I/O {sled:.1} · other {other:.1}"
+    )
 }

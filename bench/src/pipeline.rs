@@ -1,6 +1,7 @@
 //! The pieces of the pipeline every row starts: the `cdc` and `view-agent` binaries found next
 //! to this one, their config files, and the waits and meters the rows share.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -300,6 +301,64 @@ impl CpuMeter {
     }
 }
 
+/// CPU time of this process's threads, summed by thread name (digits dropped, so that
+/// `sled-io-1` … `sled-io-6` are one group, `sled-io`): where an in-process phase spent its CPU.
+/// A thread that exits during the phase takes its CPU time with it.
+pub struct ThreadMeter {
+    start: BTreeMap<String, Duration>,
+}
+
+impl ThreadMeter {
+    /// Starts measuring this process's threads.
+    pub fn start() -> ThreadMeter {
+        ThreadMeter {
+            start: thread_cpu(),
+        }
+    }
+
+    /// CPU time each thread group used since [`ThreadMeter::start`], groups that used none
+    /// left out.
+    pub fn used(&self) -> BTreeMap<String, Duration> {
+        thread_cpu()
+            .into_iter()
+            .map(|(name, now)| {
+                let before = self.start.get(&name).copied().unwrap_or_default();
+                (name, now.saturating_sub(before))
+            })
+            .filter(|(_, used)| !used.is_zero())
+            .collect()
+    }
+}
+
+/// CPU time of this process's threads so far, by thread name without digits.
+fn thread_cpu() -> BTreeMap<String, Duration> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        if let Some((name, cpu)) = parse_thread_stat(&stat) {
+            let group: String = name.chars().filter(|c| !c.is_ascii_digit()).collect();
+            *out.entry(group.trim_end_matches('-').to_owned())
+                .or_default() += cpu;
+        }
+    }
+    out
+}
+
+/// The name and CPU time (utime + stime, fields 14 and 15) of a `/proc/…/task/<tid>/stat` line.
+fn parse_thread_stat(stat: &str) -> Option<(&str, Duration)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((name, Duration::from_millis((utime + stime) * 10)))
+}
+
 /// CPU time of a process so far (zero once it is gone).
 pub fn cpu_of(pid: u32) -> Duration {
     testkit::cpu_time(pid).unwrap_or_default()
@@ -397,4 +456,44 @@ pub fn children_cpu(parent: u32) -> Duration {
         })
         .unwrap_or(0);
     Duration::from_millis(ticks * 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_stat_lines_parse() {
+        // A line of /proc/<pid>/task/<tid>/stat (a thread name with a space and a parenthesis).
+        let line = "4242 (log flusher) S 1 4242 4242 0 -1 4194368 120 0 0 0 37 5 0 0 20 0 9 0 \
+                    1000 50000000 3000 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        assert_eq!(
+            parse_thread_stat(line),
+            Some(("log flusher", Duration::from_millis(420)))
+        );
+        let odd = "7 (a) b) R 1 7 7 0 -1 0 0 0 0 0 1 2 0 0";
+        assert_eq!(
+            parse_thread_stat(odd),
+            Some(("a) b", Duration::from_millis(30)))
+        );
+        assert_eq!(parse_thread_stat("7 (x) R 1"), None);
+        assert_eq!(parse_thread_stat(""), None);
+    }
+
+    #[test]
+    fn this_process_has_named_threads() {
+        std::thread::Builder::new()
+            .name("meter-probe-3".into())
+            .spawn(|| {
+                let t = std::time::Instant::now();
+                while t.elapsed() < Duration::from_millis(30) {
+                    std::hint::spin_loop();
+                }
+                let groups = thread_cpu();
+                assert!(groups.contains_key("meter-probe"), "{groups:?}");
+            })
+            .expect("spawns")
+            .join()
+            .expect("joins");
+    }
 }
