@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use cdc::envelope::{HEADER_COMMIT_LSN, HEADER_MSG_ID, HEADER_OP, HEADER_TABLE};
 use futures::StreamExt as _;
 use testkit::ChildProcess;
 
@@ -299,6 +300,97 @@ impl CpuMeter {
             .map(|(&p, &s)| cpu_of(p).saturating_sub(s))
             .collect()
     }
+}
+
+/// Headers like the reader's for the `i`th event of a run of `per_tx`-event transactions (or
+/// snapshot chunks): the de-duplication id `<commit_lsn>:<ordinal>`, the no-gap chain to the
+/// event before, `op`, `table` and the commit LSN.
+pub fn reader_headers(i: u64, per_tx: u64, op: &str, table: &str) -> async_nats::HeaderMap {
+    let commit = |i: u64| format!("0/{:X}", 0x100_0000 + (i / per_tx) * 0x100);
+    let id = |i: u64| format!("{}:{}", commit(i), i % per_tx + 1);
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(HEADER_MSG_ID, id(i).as_str());
+    if i > 0 {
+        h.insert(
+            async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID,
+            id(i - 1).as_str(),
+        );
+    }
+    h.insert(HEADER_OP, op);
+    h.insert(HEADER_TABLE, table);
+    h.insert(HEADER_COMMIT_LSN, commit(i).as_str());
+    h
+}
+
+/// The NATS ceiling of a reader's publishing: `n` copies of `body` published by async-nats into
+/// a fresh stream `name` (subject `<name lowercase>.x`) with `headers(i)`, a PubAck asked for
+/// only where `wants_ack(i)` (and on the last message) as the reader does, at most the reader's
+/// window unacknowledged, the replies read from one subscription. Returns the seconds it took
+/// and nats-server's CPU time meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub async fn publish_like_reader(
+    client: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    nats_pid: u32,
+    n: u64,
+    headers: impl Fn(u64) -> async_nats::HeaderMap,
+    wants_ack: impl Fn(u64) -> bool,
+    body: &bytes::Bytes,
+) -> Result<(f64, Duration)> {
+    let subject = format!("{}.x", name.to_lowercase());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![subject.clone()],
+        ..Default::default()
+    })
+    .await?;
+    let window = cdc::config::DEFAULT_MAX_IN_FLIGHT as u64;
+    let inbox = client.new_inbox();
+    let mut acks = client.subscribe(format!("{inbox}.*")).await?;
+    let cpu = CpuMeter::start(&[nats_pid]);
+    let t = Instant::now();
+    let mut acked = 0u64;
+    let next_ack = |acked: &mut u64, m: Option<async_nats::Message>| -> Result<()> {
+        let m = m.context("the PubAck subscription ended")?;
+        anyhow::ensure!(
+            !m.payload.windows(7).any(|w| w == b"\"error\""),
+            "raw publish refused: {}",
+            String::from_utf8_lossy(&m.payload)
+        );
+        let i: u64 = m
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .context("PubAck on an unexpected subject")?;
+        *acked = (*acked).max(i + 1);
+        Ok(())
+    };
+    for i in 0..n {
+        let h = headers(i);
+        if wants_ack(i) || i + 1 == n {
+            client
+                .publish_with_reply_and_headers(
+                    subject.clone(),
+                    format!("{inbox}.{i}"),
+                    h,
+                    body.clone(),
+                )
+                .await?;
+        } else {
+            client
+                .publish_with_headers(subject.clone(), h, body.clone())
+                .await?;
+        }
+        while i + 1 - acked >= window {
+            next_ack(&mut acked, acks.next().await)?;
+        }
+    }
+    while acked < n {
+        next_ack(&mut acked, acks.next().await)?;
+    }
+    Ok((t.elapsed().as_secs_f64(), cpu.used()[0]))
 }
 
 /// CPU time of this process's threads, summed by thread name (digits dropped, so that

@@ -2,7 +2,9 @@
 //! start until every row has its PubAck), beside `COPY … TO STDOUT` of the same table through
 //! psql to /dev/null, in the same run. From the CPU the reader and nats-server spent per row,
 //! and COPY's time per row as Postgres' part, follows what this machine's CPUs allow for the
-//! three together, overlap perfect (the second ceiling).
+//! three together, overlap perfect (the second ceiling). The third is NATS' own: the same
+//! number of messages like the snapshot's (a row's body, the reader's headers, a PubAck asked
+//! for where the reader asks) published by async-nats into a stream of their own.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,6 +28,10 @@ struct Outcome {
     snapshot_secs: f64,
     reader_cpu_us_per_row: f64,
     nats_cpu_us_per_row: f64,
+    /// Bytes of the sampled row event the raw publisher sent.
+    event_bytes: usize,
+    raw_publish_secs: f64,
+    raw_publish_nats_cpu_us_per_row: f64,
     /// CPUs of this machine.
     cores: usize,
     /// [`report::cpu_bound`] of reader, nats-server and COPY (its wall time per row).
@@ -89,6 +95,28 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
     let nats_cpu = nats_cpu.used()[0];
     pipeline::stop(&mut reader).await?;
 
+    // Ceiling 3: JetStream taking the same messages from async-nats.
+    eprintln!("  raw JetStream publishing …");
+    let sample = js
+        .get_stream(pipeline::STREAM)
+        .await?
+        .get_first_raw_message_by_subject("cdc.public.top_clients", 1)
+        .await?;
+    let body = bytes::Bytes::from(sample.payload.to_vec());
+    let chunk = chunk_rows as u64;
+    let every = cdc::publish::ACK_EVERY;
+    let (raw_secs, raw_nats_cpu) = pipeline::publish_like_reader(
+        &js.client(),
+        &js,
+        "RAW",
+        pipeline::pid_of(&nats)?,
+        rows,
+        |i| pipeline::reader_headers(i, chunk, "r", "public.top_clients"),
+        |i| (i + 1) % chunk == 0 || i % every == every - 1,
+        &body,
+    )
+    .await?;
+
     let reader_us = report::micros_per(reader_cpu, rows);
     let nats_us = report::micros_per(nats_cpu, rows);
     let copy_us = copy_secs * 1e6 / rows.max(1) as f64;
@@ -100,6 +128,9 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
         snapshot_secs,
         reader_cpu_us_per_row: reader_us,
         nats_cpu_us_per_row: nats_us,
+        event_bytes: body.len(),
+        raw_publish_secs: raw_secs,
+        raw_publish_nats_cpu_us_per_row: report::micros_per(raw_nats_cpu, rows),
         cores,
         cpu_bound_rows_per_sec: report::cpu_bound(cores, &[reader_us, nats_us, copy_us]),
     };
@@ -114,6 +145,7 @@ pub async fn run(bins: &Binaries, rows: u64) -> Result<RowReport> {
 fn line(o: &Outcome) -> Line {
     let snap = o.rows as f64 / o.snapshot_secs;
     let copy = o.rows as f64 / o.copy_secs;
+    let raw = o.rows as f64 / o.raw_publish_secs;
     Line {
         row: 3,
         measurement: format!(
@@ -129,13 +161,17 @@ fn line(o: &Outcome) -> Line {
             o.nats_cpu_us_per_row
         ),
         beside: format!(
-            "COPY … TO STDOUT → /dev/null {} rows/s ({:.2} s; snapshot = {}); the {} CPUs' bound for reader, nats-server and COPY together {}/s ({})",
+            "COPY … TO STDOUT → /dev/null {} rows/s ({:.2} s; snapshot = {}); the {} CPUs' bound for reader, nats-server and COPY together {}/s ({}); raw async-nats publish of as many messages like the snapshot's ({} B, PubAck where the reader asks) {}/s ({}, nats-server {:.1} µs/row)",
             report::rate(copy),
             o.copy_secs,
             report::percent(snap, copy),
             o.cores,
             report::rate(o.cpu_bound_rows_per_sec),
             report::percent(snap, o.cpu_bound_rows_per_sec),
+            o.event_bytes,
+            report::rate(raw),
+            report::percent(snap, raw),
+            o.raw_publish_nats_cpu_us_per_row,
         ),
         targets: vec![Target::new(
             format!("≥ {} rows/s", report::rate(TARGET_ROWS_PER_SEC)),

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use async_nats::jetstream;
 use bytes::Bytes;
-use cdc::envelope::{HEADER_COMMIT_LSN, HEADER_MSG_ID, HEADER_OP, HEADER_TABLE};
 use futures::stream::FuturesOrdered;
 use futures::StreamExt as _;
 use serde::Serialize;
@@ -190,7 +189,11 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<RowReport> {
     let mut window = FuturesOrdered::new();
     for i in 0..events {
         let ack = js
-            .publish_with_headers("raw.public.top_clients", headers(i, rows), body.clone())
+            .publish_with_headers(
+                "raw.public.top_clients",
+                pipeline::reader_headers(i, rows, "c", "public.top_clients"),
+                body.clone(),
+            )
             .await?;
         window.push_back(std::future::IntoFuture::into_future(ack));
         if window.len() >= WINDOW {
@@ -205,60 +208,18 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<RowReport> {
     let raw_ack_each_secs = t.elapsed().as_secs_f64();
 
     // Ceiling 3: the reader's pattern: a PubAck asked for on the last message of each
-    // transaction only (the chain header makes it speak for the messages before it), the
-    // replies read from one subscription.
-    js.create_stream(jetstream::stream::Config {
-        name: "RAW2".into(),
-        subjects: vec!["raw2.>".into()],
-        ..Default::default()
-    })
+    // transaction only (the chain header makes it speak for the messages before it).
+    let (raw_ack_per_tx_secs, raw2_nats_cpu) = pipeline::publish_like_reader(
+        &client,
+        &js,
+        "RAW2",
+        nats_pid,
+        events,
+        |i| pipeline::reader_headers(i, rows, "c", "public.top_clients"),
+        |i| (i + 1) % rows == 0,
+        &body,
+    )
     .await?;
-    let inbox = client.new_inbox();
-    let mut acks = client.subscribe(format!("{inbox}.*")).await?;
-    let nats_cpu2 = CpuMeter::start(&[nats_pid]);
-    let t = Instant::now();
-    let mut acked = 0u64;
-    let next_ack = |acked: &mut u64, m: Option<async_nats::Message>| -> Result<()> {
-        let m = m.context("the PubAck subscription ended")?;
-        anyhow::ensure!(
-            !m.payload.windows(7).any(|w| w == b"\"error\""),
-            "raw publish refused: {}",
-            String::from_utf8_lossy(&m.payload)
-        );
-        let n: u64 = m
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(|s| s.parse().ok())
-            .context("PubAck on an unexpected subject")?;
-        *acked = (*acked).max(n + 1);
-        Ok(())
-    };
-    for i in 0..events {
-        let h = headers(i, rows);
-        if (i + 1) % rows == 0 {
-            client
-                .publish_with_reply_and_headers(
-                    "raw2.public.top_clients",
-                    format!("{inbox}.{i}"),
-                    h,
-                    body.clone(),
-                )
-                .await?;
-        } else {
-            client
-                .publish_with_headers("raw2.public.top_clients", h, body.clone())
-                .await?;
-        }
-        while i + 1 - acked >= WINDOW as u64 {
-            next_ack(&mut acked, acks.next().await)?;
-        }
-    }
-    while acked < events {
-        next_ack(&mut acked, acks.next().await)?;
-    }
-    let raw_ack_per_tx_secs = t.elapsed().as_secs_f64();
-    let raw2_nats_cpu = nats_cpu2.used()[0];
 
     let outcome = Outcome {
         transactions: txs,
@@ -280,23 +241,6 @@ pub async fn run(bins: &Binaries, settings: Settings) -> Result<RowReport> {
         data: serde_json::to_value(&outcome)?,
         machine_busy_percent: 0.0,
     })
-}
-
-/// Headers like the reader's for the `i`th event of a backlog of `rows`-row transactions.
-fn headers(i: u64, rows: u64) -> async_nats::HeaderMap {
-    let id = |i: u64| format!("0/{:X}:{}", 0x100_0000 + (i / rows) * 0x100, i % rows + 1);
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(HEADER_MSG_ID, id(i).as_str());
-    if i > 0 {
-        h.insert(
-            async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID,
-            id(i - 1).as_str(),
-        );
-    }
-    h.insert(HEADER_OP, "c");
-    h.insert(HEADER_TABLE, "public.top_clients");
-    h.insert(HEADER_COMMIT_LSN, "0/1000000");
-    h
 }
 
 fn line(o: &Outcome) -> Line {
