@@ -45,6 +45,9 @@ struct Outcome {
     apply_secs: f64,
     apply_cpu_us_per_event: f64,
     apply_nats_cpu_us_per_event: f64,
+    /// Atomic sled batches the apply took (the follow loop groups the transactions already
+    /// delivered into one, up to `apply.max_batch_events`).
+    apply_batches: u64,
     /// The agent's CPU per event during the apply, by thread (name without digits).
     apply_cpu_us_per_event_by_thread: std::collections::BTreeMap<String, f64>,
     store_alone_secs: f64,
@@ -200,6 +203,10 @@ pub async fn run(events: u64) -> Result<RowReport> {
     let apply_secs = t.elapsed().as_secs_f64();
     let apply_cpu = cpu.used();
     let apply_threads = threads.used();
+    let apply_batches = store
+        .metrics()
+        .batches_applied
+        .load(std::sync::atomic::Ordering::Relaxed);
     let _ = stop.send(true);
     task.await??;
     store.flush()?;
@@ -256,6 +263,7 @@ pub async fn run(events: u64) -> Result<RowReport> {
         apply_secs,
         apply_cpu_us_per_event: report::micros_per(apply_cpu[0], events),
         apply_nats_cpu_us_per_event: report::micros_per(apply_cpu[1], events),
+        apply_batches,
         apply_cpu_us_per_event_by_thread: apply_threads
             .into_iter()
             .map(|(name, cpu)| (name, report::micros_per(cpu, events)))
@@ -286,9 +294,11 @@ fn line(o: &Outcome) -> Line {
             o.events_per_tx
         ),
         result: format!(
-            "**{} events/s** ({:.2} s); CPU per event: agent {:.1} µs ({}), nats-server {:.1} µs",
+            "**{} events/s** ({:.2} s, {} batches of {:.0} events on average); CPU per event: agent {:.1} µs ({}), nats-server {:.1} µs",
             report::rate(apply),
             o.apply_secs,
+            report::thousands(o.apply_batches),
+            o.events as f64 / o.apply_batches.max(1) as f64,
             o.apply_cpu_us_per_event,
             by_thread(&o.apply_cpu_us_per_event_by_thread),
             o.apply_nats_cpu_us_per_event
