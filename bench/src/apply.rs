@@ -323,9 +323,9 @@ fn line(o: &Outcome) -> Line {
     }
 }
 
-/// `follow/decode 5.6 · applier 6.9 · sled I/O 1.2`: the agent's threads that matter, named for
-/// what they do (tokio's workers run the follow loop: NATS client, decoding, folding; the
-/// applier thread writes sled batches; sled's own threads write its log).
+/// `follow/decode 5.6 · applier 6.9 · sled I/O 1.2 · other 0.1`: the agent's threads that
+/// matter, named for what they do (tokio's workers run the follow loop: NATS client, decoding,
+/// folding; the applier thread writes sled batches; sled's own threads write its log).
 fn by_thread(cpu: &std::collections::BTreeMap<String, f64>) -> String {
     let sum = |pred: &dyn Fn(&str) -> bool| -> f64 {
         cpu.iter().filter(|(n, _)| pred(n)).map(|(_, v)| v).sum()
