@@ -323,7 +323,8 @@ pub fn reader_headers(i: u64, per_tx: u64, op: &str, table: &str) -> async_nats:
 }
 
 /// The NATS ceiling of a reader's publishing: `n` copies of `body` published by async-nats into
-/// a fresh stream `name` (subject `<name lowercase>.x`) with `headers(i)`, a PubAck asked for
+/// a fresh stream `name` on `<name lowercase>.public.top_clients` (a subject as long as the
+/// reader's) with `headers(i)`, a PubAck asked for
 /// only where `wants_ack(i)` (and on the last message) as the reader does, at most the reader's
 /// window unacknowledged, the replies read from one subscription. Returns the seconds it took
 /// and nats-server's CPU time meanwhile.
@@ -338,7 +339,7 @@ pub async fn publish_like_reader(
     wants_ack: impl Fn(u64) -> bool,
     body: &bytes::Bytes,
 ) -> Result<(f64, Duration)> {
-    let subject = format!("{}.x", name.to_lowercase());
+    let subject = format!("{}.public.top_clients", name.to_lowercase());
     js.create_stream(async_nats::jetstream::stream::Config {
         name: name.into(),
         subjects: vec![subject.clone()],
@@ -441,14 +442,10 @@ fn thread_cpu() -> BTreeMap<String, Duration> {
     out
 }
 
-/// The name and CPU time (utime + stime, fields 14 and 15) of a `/proc/…/task/<tid>/stat` line.
+/// The name and CPU time of a `/proc/…/task/<tid>/stat` line.
 fn parse_thread_stat(stat: &str) -> Option<(&str, Duration)> {
-    let (head, rest) = stat.rsplit_once(')')?;
-    let name = head.split_once('(')?.1;
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((name, Duration::from_millis((utime + stime) * 10)))
+    let name = stat.rsplit_once(')')?.0.split_once('(')?.1;
+    Some((name, testkit::stat_cpu_time(stat)?))
 }
 
 /// CPU time of a process so far (zero once it is gone).

@@ -35,7 +35,7 @@ use anyhow::{bail, Context as _, Result};
 
 pub use nats::{Nats, NatsAuth, NatsOptions};
 pub use postgres::{PgAuth, PgOptions, PgTls, Postgres};
-pub use process::{cpu_time, peak_rss_kib, rss_kib, spawn_logged, ChildProcess};
+pub use process::{cpu_time, peak_rss_kib, rss_kib, spawn_logged, stat_cpu_time, ChildProcess};
 pub use sys::Signal;
 
 /// How long servers get to become ready after a (re)start.

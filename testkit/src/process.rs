@@ -217,6 +217,12 @@ impl Drop for ChildProcess {
 /// print it beside their rates: it is steadier than wall time on a shared machine.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_time(&stat)
+}
+
+/// The CPU time (user + system) in one `/proc/<pid>/stat` or `/proc/<pid>/task/<tid>/stat`
+/// line; `None` when the line does not have the fields.
+pub fn stat_cpu_time(stat: &str) -> Option<Duration> {
     // The fields after the parenthesised command name; utime and stime are fields 14 and 15
     // of the whole line, in clock ticks (100 per second on Linux).
     let rest = stat.rsplit_once(')')?.1;
