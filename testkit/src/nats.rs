@@ -170,6 +170,13 @@ impl Nats {
         }
     }
 
+    /// Sends `signal` to the server (e.g. [`Signal::Stop`] to freeze it, [`Signal::Cont`] to
+    /// let it go on).
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        let pid = self.pid().context("nats-server is not running")?;
+        sys::send(pid, signal).with_context(|| format!("sending {signal:?} to nats-server"))
+    }
+
     /// Crashes the server with SIGKILL and reaps it; the port is free afterwards.
     pub fn kill9(&mut self) -> Result<()> {
         ensure!(self.child.is_some(), "nats-server is not running");
