@@ -16,6 +16,7 @@ pub mod nats_url;
 pub mod observe;
 pub mod pgconn;
 pub mod publish;
+pub mod pull;
 pub mod reader;
 pub mod replication;
 pub mod setup;

@@ -11,7 +11,10 @@
 //! a message at or past the next one it expects, and after the ticks its [`Watchdog`] allows
 //! starts a new consumer from there: a stall costs seconds instead of a minute, and nothing is
 //! read twice or skipped. The agent's follow loop (its status ticks), `view-agent replay` (its
-//! idle waits) and `cdc tail` (its ticks) do this.
+//! idle waits) and `cdc tail` (its ticks) do this. The follow loop reads with [`crate::pull`],
+//! which takes its pull requests' accounting from the server's own statuses (a request that
+//! expires or ends at its byte limit says how many messages it still owed) and ends on three
+//! missed heartbeats; the watchdog stays as the second line.
 
 use std::time::Duration;
 
