@@ -13,7 +13,10 @@
 //! Why an ordered (ephemeral) consumer: the agent's position lives in sled, in the same batch as
 //! the rows, so the server-side state of a durable consumer would be a second position that can
 //! disagree with the first; an ordered consumer is created from the sled position on every
-//! (re)start and needs no acks.
+//! (re)start and needs no acks. The messages come through [`cdc::pull`], a pull consumer with
+//! the settings of async-nats' ordered consumer on a connection of its own, at a tenth of the
+//! client CPU per message (`cdc-bench` row 4); a consumer that loses its order (a skipped
+//! delivery) ends the session, and the next one starts from the applied position.
 //!
 //! # When is a sequence gap history loss?
 //! Heartbeats may be published with `Nats-Rollup: sub`, which purges older heartbeats, so
@@ -27,11 +30,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream;
 use async_nats::jetstream::stream::RawMessageErrorKind;
-use async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
 use cdc::envelope::{ChangeEvent, Heartbeat, HEADER_LARGE_REF};
+use cdc::pull::{PullConfig, PullConsumer, PullError, StreamMessage};
 use cdc::stall::{holds_message, Watchdog};
-use futures::{FutureExt, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
@@ -55,7 +58,7 @@ const APPLY_QUEUE: usize = 4;
 const PARTS_AHEAD: usize = 1;
 /// Status ticks in a row without a delivered message, while the stream holds messages at or
 /// past the agent's position, that a consumer may be quiet; the next such tick counts it as
-/// stalled (see [`Watchdog`]: a stall costs 2–3 s instead of async-nats' minute).
+/// stalled (see [`Watchdog`]: a stall costs 2–3 s, not the 15 s of three missed heartbeats).
 const STALL_TICKS: u32 = 2;
 
 /// Errors of the follow loop. Only store errors stop the agent; NATS errors are retried.
@@ -75,6 +78,8 @@ enum SessionError {
     Store(#[from] StoreError),
     #[error("the consumer skipped stream message {0}")]
     Skipped(u64),
+    #[error("{0}")]
+    OutOfOrder(PullError),
     #[error(
         "the consumer delivered nothing for {STALL_TICKS}+ status intervals although the stream \
          holds messages from sequence {0} on"
@@ -84,6 +89,14 @@ enum SessionError {
 
 fn nats_err(what: &str, e: impl std::fmt::Display) -> SessionError {
     SessionError::Nats(format!("{what}: {e}"))
+}
+
+/// A consumer that lost its order starts again at once; anything else waits for the backoff.
+fn session_err(e: PullError) -> SessionError {
+    match e {
+        e @ PullError::Gap { .. } => SessionError::OutOfOrder(e),
+        e => SessionError::Nats(format!("stream consumer: {e}")),
+    }
 }
 
 /// Connects to NATS in the background (retrying forever), as the agent does.
@@ -145,6 +158,11 @@ async fn follow_sessions(
             Ok(()) => return Ok(()),
             Err(SessionError::Store(e)) => return Err(e.into()),
             Err(SessionError::Skipped(_)) => {
+                backoff = Duration::from_millis(100);
+                continue;
+            }
+            Err(e @ SessionError::OutOfOrder(_)) => {
+                tracing::warn!(error = %e, "re-creating the stream consumer");
                 backoff = Duration::from_millis(100);
                 continue;
             }
@@ -416,19 +434,12 @@ impl<'a> Session<'a> {
         if !awaiting.is_empty() {
             self.request_snapshots(&awaiting).await;
         }
-        let consumer = stream
-            .create_consumer(OrderedConfig {
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: start,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_err("create ordered consumer", e))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| nats_err("start ordered consumer", e))?;
+        let mut messages = PullConsumer::start(
+            &self.nats.url,
+            PullConfig::new(&self.nats.stream, start, "view-agent"),
+        )
+        .await
+        .map_err(session_err)?;
         tracing::info!(stream = %self.nats.stream, from_seq = start, "following the stream");
         let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -437,21 +448,16 @@ impl<'a> Session<'a> {
             // already here; otherwise apply now, so that latency stays one batch.
             if !self.ready.is_empty() {
                 if self.ready_events < self.apply.max_batch_events {
-                    if let Some(next) = messages.next().now_or_never() {
-                        match next {
-                            Some(Ok(msg)) => {
-                                self.handle(msg).await?;
-                                continue;
-                            }
-                            Some(Err(e)) => {
-                                self.apply_ready().await?;
-                                return Err(nats_err("ordered consumer", e));
-                            }
-                            None => {
-                                self.apply_ready().await?;
-                                return Err(SessionError::Nats("ordered consumer ended".into()));
-                            }
+                    match messages.try_next() {
+                        Some(Ok(msg)) => {
+                            self.handle(msg).await?;
+                            continue;
                         }
+                        Some(Err(e)) => {
+                            self.apply_ready().await?;
+                            return Err(session_err(e));
+                        }
+                        None => {}
                     }
                 }
                 self.apply_ready().await?;
@@ -481,9 +487,8 @@ impl<'a> Session<'a> {
                 }
                 // 3. The next message.
                 next = messages.next() => match next {
-                    Some(Ok(msg)) => self.handle(msg).await?,
-                    Some(Err(e)) => return Err(nats_err("ordered consumer", e)),
-                    None => return Err(SessionError::Nats("ordered consumer ended".into())),
+                    Ok(msg) => self.handle(msg).await?,
+                    Err(e) => return Err(session_err(e)),
                 },
             }
         }
@@ -549,12 +554,9 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn handle(&mut self, msg: jetstream::Message) -> Result<(), SessionError> {
+    async fn handle(&mut self, msg: StreamMessage) -> Result<(), SessionError> {
         self.watchdog.delivered();
-        let seq = msg
-            .info()
-            .map_err(|e| nats_err("message without JetStream info", e))?
-            .stream_sequence;
+        let seq = msg.stream_seq();
         if seq < self.expected_seq {
             // Already applied (redelivery after a consumer reset).
             return Ok(());
@@ -563,8 +565,8 @@ impl<'a> Session<'a> {
             self.check_gap(self.expected_seq, seq).await?;
         }
         self.expected_seq = seq + 1;
-        if msg.subject.as_str() == self.heartbeat_subject {
-            let hb: Heartbeat = match serde_json::from_slice(&msg.payload) {
+        if msg.subject() == self.heartbeat_subject.as_bytes() {
+            let hb: Heartbeat = match serde_json::from_slice(msg.payload()) {
                 Ok(hb) => hb,
                 Err(e) => {
                     tracing::warn!(seq, error = %e, "ignoring an undecodable heartbeat");
@@ -578,22 +580,17 @@ impl<'a> Session<'a> {
             }
             return Ok(());
         }
-        let large = match msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(HEADER_LARGE_REF))
-            .map(|v| v.as_str().to_owned())
-        {
-            Some(name) => Some(self.fetch_large(&name).await?),
+        let large = match msg.header(HEADER_LARGE_REF) {
+            Some(name) => Some(self.fetch_large(name).await?),
             None => None,
         };
-        let body: &[u8] = large.as_deref().unwrap_or(&msg.payload);
+        let body: &[u8] = large.as_deref().unwrap_or(msg.payload());
         let event: ChangeEvent = match serde_json::from_slice(body) {
             Ok(ev) => ev,
             Err(e) => {
                 let reason = format!(
                     "undecodable event at stream sequence {seq} on {} ({e}); the reader and agent versions may differ",
-                    msg.subject
+                    msg.subject_text()
                 );
                 tracing::error!(%reason, "views are stale");
                 self.store.mark_all_stale(&reason)?;
