@@ -15,6 +15,7 @@ use cdc::envelope::{
     ChangeEvent, Op, Source, TransactionInfo, HEADER_COMMIT_LSN, HEADER_MSG_ID, HEADER_OP,
     HEADER_TABLE,
 };
+use cdc::pull::{PullConfig, PullConsumer};
 use cdc::Lsn;
 use consumers::config::{ApplyConfig, NatsConfig, ViewConfig};
 use consumers::{SourceTransaction, ViewStore};
@@ -39,9 +40,15 @@ struct Outcome {
     events_per_tx: u64,
     json_bytes: usize,
     fill_secs: f64,
+    /// Raw consume with the agent's stream reader, `cdc::pull` (before 2026-12-05: async-nats'
+    /// ordered consumer, which the agent used then).
     raw_consume_secs: f64,
     raw_consume_cpu_us_per_event: f64,
     raw_consume_nats_cpu_us_per_event: f64,
+    /// Raw consume with async-nats' ordered consumer.
+    async_nats_consume_secs: f64,
+    async_nats_consume_cpu_us_per_event: f64,
+    async_nats_consume_nats_cpu_us_per_event: f64,
     apply_secs: f64,
     apply_cpu_us_per_event: f64,
     apply_nats_cpu_us_per_event: f64,
@@ -146,8 +153,29 @@ pub async fn run(events: u64) -> Result<RowReport> {
     }
     let fill_secs = t.elapsed().as_secs_f64();
 
-    // (1) Raw consume: ordered consumer, no decoding.
-    eprintln!("  raw ordered consumer …");
+    // (1) Raw consume with the agent's stream reader (`cdc::pull`), no decoding.
+    eprintln!("  raw consume (the agent's stream reader) …");
+    let cpu = CpuMeter::start(&[me, nats_pid]);
+    let t = Instant::now();
+    let mut reader = PullConsumer::start(
+        &nats.url(),
+        PullConfig::new(pipeline::STREAM, 1, "cdc-bench"),
+    )
+    .await?;
+    let mut consumed = 0u64;
+    loop {
+        let m = reader.next().await?;
+        consumed += 1;
+        if m.stream_seq() >= last_seq {
+            break;
+        }
+    }
+    let raw_consume_secs = t.elapsed().as_secs_f64();
+    let raw_cpu = cpu.used();
+    drop(reader);
+
+    // (1b) The same with async-nats' ordered consumer (what the agent read with before).
+    eprintln!("  raw consume (async-nats ordered consumer) …");
     let stream = js.get_stream(pipeline::STREAM).await?;
     let cpu = CpuMeter::start(&[me, nats_pid]);
     let t = Instant::now();
@@ -159,16 +187,16 @@ pub async fn run(events: u64) -> Result<RowReport> {
         .await?
         .messages()
         .await?;
-    let mut consumed = 0u64;
+    let mut async_nats_consumed = 0u64;
     while let Some(m) = msgs.next().await {
         let m = m?;
-        consumed += 1;
+        async_nats_consumed += 1;
         if m.info().map(|i| i.stream_sequence).unwrap_or(0) >= last_seq {
             break;
         }
     }
-    let raw_consume_secs = t.elapsed().as_secs_f64();
-    let raw_cpu = cpu.used();
+    let async_nats_consume_secs = t.elapsed().as_secs_f64();
+    let async_nats_cpu = cpu.used();
     drop(msgs);
 
     // (2) Apply into sled through the agent's follow loop.
@@ -260,6 +288,15 @@ pub async fn run(events: u64) -> Result<RowReport> {
         raw_consume_secs,
         raw_consume_cpu_us_per_event: raw_us,
         raw_consume_nats_cpu_us_per_event: raw_nats_us,
+        async_nats_consume_secs,
+        async_nats_consume_cpu_us_per_event: report::micros_per(
+            async_nats_cpu[0],
+            async_nats_consumed,
+        ),
+        async_nats_consume_nats_cpu_us_per_event: report::micros_per(
+            async_nats_cpu[1],
+            async_nats_consumed,
+        ),
         apply_secs,
         apply_cpu_us_per_event: report::micros_per(apply_cpu[0], events),
         apply_nats_cpu_us_per_event: report::micros_per(apply_cpu[1], events),
@@ -304,11 +341,14 @@ fn line(o: &Outcome) -> Line {
             o.apply_nats_cpu_us_per_event
         ),
         beside: format!(
-            "raw ordered consumer {}/s (apply = {}; CPU {:.1} + {:.1} µs); store alone, pre-decoded, no NATS {}/s ({}; CPU {:.1} µs); the {} CPUs' bound for those parts together {}/s ({})",
+            "raw consume with the agent's stream reader {}/s (apply = {}; CPU {:.1} + {:.1} µs nats-server), with async-nats' ordered consumer {}/s (CPU {:.1} + {:.1} µs); store alone, pre-decoded, no NATS {}/s ({}; CPU {:.1} µs); the {} CPUs' bound for stream reader, nats-server and store together {}/s ({})",
             report::rate(raw),
             report::percent(apply, raw),
             o.raw_consume_cpu_us_per_event,
             o.raw_consume_nats_cpu_us_per_event,
+            report::rate(per_sec(o.async_nats_consume_secs)),
+            o.async_nats_consume_cpu_us_per_event,
+            o.async_nats_consume_nats_cpu_us_per_event,
             report::rate(alone),
             report::percent(apply, alone),
             o.store_alone_cpu_us_per_event,
