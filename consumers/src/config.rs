@@ -24,7 +24,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 pub const DEFAULT_MIN_LSN_TIMEOUT_MS: u64 = 5_000;
 /// Default cap on the events gathered into one sled batch (several whole source transactions
 /// may share a batch when they are already waiting in the stream; a transaction is never split).
-pub const DEFAULT_MAX_BATCH_EVENTS: usize = 4_096;
+/// Smaller batches cost sled less per event once the reader keeps them full: `cdc-bench` row 4,
+/// seven interleaved pairs, 512 against 4,096: applier 5.6-6.4 against 6.1-8.1 µs per event.
+pub const DEFAULT_MAX_BATCH_EVENTS: usize = 512;
 /// Default `apply.max_tx_events_in_memory`.
 pub const DEFAULT_MAX_TX_EVENTS_IN_MEMORY: usize = 1_024;
 /// Default `store.cache_mb` (see [`StoreConfig::cache_mb`]).
