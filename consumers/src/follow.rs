@@ -54,7 +54,7 @@ const API_TIMEOUT: Duration = Duration::from_secs(5);
 const APPLY_QUEUE: usize = 4;
 /// Parts of a large transaction handed to the applier and not yet staged. One lets the next
 /// part be read and decoded while the applier stages the last; the queue's four would hold
-/// four more parts' decoded events (about 1 MB each at the default 1,024 events) for nothing.
+/// four more parts' decoded events (about 1 MB per 1,024 events) for nothing.
 const PARTS_AHEAD: usize = 1;
 /// Status ticks in a row without a delivered message, while the stream holds messages at or
 /// past the agent's position, that a consumer may be quiet; the next such tick counts it as
